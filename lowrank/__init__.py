@@ -1,0 +1,44 @@
+"""lowrank: low-rank adaptation (LoRA, DoRA, FLoRA and baselines) of pretrained transformers.
+
+The public API is small and framework-free (no Hydra, W&B or datasets import here):
+
+    model = lowrank.adapt(model, "lora", targets=["q", "v"], rank=8, alpha=16)
+    for name, layer in lowrank.adapted_modules(model).items():
+        layer.delta_weight()            # ΔW, float32, (out_features, in_features)
+    lowrank.save_adapter(model, "run/adapter")   # safetensors + JSON config
+    lowrank.save_peft(model, "run/peft")         # PEFT's on-disk format (LoRA, DoRA)
+
+Everything experiment-shaped (Hydra app, data, training loop, results) lives in submodules that are
+imported on demand: ``lowrank.experiment``, ``lowrank.train``, ``lowrank.data``, ``lowrank.models``,
+``lowrank.results``.
+"""
+
+from lowrank.adapters import ADAPTERS, AdaptedLayer
+from lowrank.core import (
+    adapt,
+    adapted_modules,
+    adapter_config,
+    count_parameters,
+    merge_adapters,
+    trainable_state_dict,
+    unmerge_adapters,
+)
+from lowrank.io import load_adapter, load_peft, read_adapter, save_adapter, save_peft
+
+__all__ = [
+    "ADAPTERS",
+    "AdaptedLayer",
+    "adapt",
+    "adapted_modules",
+    "adapter_config",
+    "count_parameters",
+    "merge_adapters",
+    "unmerge_adapters",
+    "trainable_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "save_peft",
+    "load_peft",
+]
+__version__ = "0.1.0"
