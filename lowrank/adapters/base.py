@@ -1,0 +1,165 @@
+"""What every adapted layer shares: the base-layer kinds it can wrap and the merge/unmerge protocol.
+
+An adapted layer wraps one frozen *base* layer (``nn.Linear``, ``nn.Embedding``, ``nn.Conv2d`` or
+transformers' GPT-2 ``Conv1D``) and adds a learned update ΔW. Whatever the base layer's own storage
+layout, ΔW is exchanged as a matrix in the ``(out_features, in_features)`` layout of
+``nn.Linear.weight``:
+
+- ``Linear``: ``weight`` is already ``(out, in)``;
+- ``Conv1D`` (GPT-2): ``weight`` is stored ``(in, out)``, so the matrix is ``weight.T``;
+- ``Conv2d``: ``weight`` is ``(out, in/groups, kh, kw)``, the matrix is ``weight.flatten(1)``;
+- ``Embedding``: ``weight`` is ``(num_embeddings, dim)``, a linear map from one-hot ids, so the matrix
+  is ``weight.T`` with ``in = num_embeddings`` and ``out = dim`` (PEFT's convention too).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of a wrappable base layer, or None. GPT-2's Conv1D is matched by name so that
+    ``import lowrank`` does not need transformers."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        return "conv1d"
+    return None
+
+
+def features(base: nn.Module, kind: str) -> tuple[int, int]:
+    """``(in_features, out_features)`` of the base layer's weight matrix."""
+    w = base.weight
+    if kind == "linear":
+        return w.shape[1], w.shape[0]
+    if kind == "conv1d":
+        return w.shape[0], w.shape[1]
+    if kind == "conv2d":
+        return w[0].numel(), w.shape[0]
+    return w.shape[0], w.shape[1]  # embedding
+
+
+def weight_matrix(base: nn.Module, kind: str) -> torch.Tensor:
+    """The base weight as an ``(out, in)`` matrix: a view, never a copy."""
+    w = base.weight
+    if kind in ("conv1d", "embedding"):
+        return w.t()
+    if kind == "conv2d":
+        return w.flatten(1)
+    return w
+
+
+def to_native(base: nn.Module, kind: str, matrix: torch.Tensor) -> torch.Tensor:
+    """An ``(out, in)`` matrix in the base weight's own layout."""
+    if kind in ("conv1d", "embedding"):
+        return matrix.t()
+    if kind == "conv2d":
+        return matrix.reshape(base.weight.shape)
+    return matrix
+
+
+def channel_dim(kind: str) -> int:
+    """The dimension of the base layer's output that indexes output features."""
+    return 1 if kind == "conv2d" else -1
+
+
+def per_channel(vector: torch.Tensor, kind: str, ndim: int) -> torch.Tensor:
+    """Reshape a per-output-feature vector to broadcast against an output of ``ndim`` dims."""
+    if kind == "conv2d":
+        return vector.view(1, -1, *([1] * (ndim - 2)))
+    return vector
+
+
+def conv_input(base: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple | str | int]:
+    """Apply the base convolution's non-zero padding mode explicitly; return (input, conv padding)."""
+    if base.padding_mode != "zeros":
+        return F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode), 0
+    return x, base.padding
+
+
+def apply_matrix(base: nn.Module, kind: str, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Run ``x`` through the base layer's operation with weight ``matrix`` ((out, in)) and no bias."""
+    if kind in ("linear", "conv1d"):
+        return F.linear(x, matrix)
+    if kind == "embedding":
+        return F.embedding(x, matrix.t(), base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+    x, padding = conv_input(base, x)
+    return F.conv2d(x, matrix.reshape(base.weight.shape), None, base.stride, padding, base.dilation, base.groups)
+
+
+class AdaptedLayer(nn.Module):
+    """Base class of every adapted layer: owns ``.base`` and the merge protocol.
+
+    Subclasses implement ``_update_matrix()`` (the learned ΔW as an (out, in) matrix, differentiable,
+    in float32) and ``forward``; they may override ``merge``/``unmerge`` when merging is not additive
+    (DoRA rescales the whole weight).
+    """
+
+    adapter_name: str = "adapter"
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        kind = layer_kind(base)
+        if kind is None:
+            raise ValueError(f"cannot adapt a {type(base).__name__}; supported base layers: "
+                             "nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D")
+        self.base = base
+        self.kind = kind
+        self.in_features, self.out_features = features(base, kind)
+        self.merged = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    # ---- the update --------------------------------------------------------------------------
+    def _update_matrix(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = merged weight − base weight, float32, ``(out_features, in_features)``, detached."""
+        with torch.no_grad():
+            return self._update_matrix().detach().float()
+
+    def base_matrix(self) -> torch.Tensor:
+        """The base weight as an (out, in) view (the pretrained W0 while unmerged)."""
+        return weight_matrix(self.base, self.kind)
+
+    # Model code sometimes reads ``layer.weight`` / ``layer.bias`` (dtype checks, weight tying):
+    # answer with the base layer's, as PEFT does.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    # ---- merge / unmerge ---------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight so that inference costs nothing extra."""
+        if self.merged:
+            return
+        w = self.base.weight
+        w.add_(to_native(self.base, self.kind, self._update_matrix().to(w.dtype)))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (exact up to floating-point rounding)."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.sub_(to_native(self.base, self.kind, self._update_matrix().to(w.dtype)))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
