@@ -86,7 +86,6 @@ class FLoRA(AdaptedLayer):
             h = F.linear(x, self.A_in.t().to(dtype))
             return F.linear(F.linear(h, self.core.t().to(dtype)), self.A_out.to(dtype)) * self.scaling
         base, g = self.base, self.base.groups
-        r1, r2 = self.ranks[:2]
         h = F.conv2d(x, self.A_in.t().to(dtype)[:, :, None, None].repeat(g, 1, 1, 1), groups=g)
         h, padding = conv_input(base, h)  # padding commutes with the bias-free 1×1 conv above
         h = F.conv2d(h, self._spatial_core().to(dtype).repeat(g, 1, 1, 1), None, base.stride, padding,
