@@ -128,6 +128,9 @@ def adapt(model: nn.Module, adapter: str, *, targets: Iterable[str] | None = Non
         _check_rank(rank)
         _check_alpha(alpha)
     heads = _head_names(model, train_modules)
+    if adapter == "head" and not heads:
+        raise ValueError(f"adapter='head' found no task head on {type(model).__name__}; pass "
+                         f"train_modules=[<head module name>]")
 
     for p in model.parameters():
         p.requires_grad_(adapter == "full")
