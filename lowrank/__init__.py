@@ -20,6 +20,7 @@ from lowrank.core import (
     adapter_config,
     count_parameters,
     merge_adapters,
+    merge_and_unload,
     trainable_state_dict,
     unmerge_adapters,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "adapter_config",
     "count_parameters",
     "merge_adapters",
+    "merge_and_unload",
     "unmerge_adapters",
     "trainable_state_dict",
     "save_adapter",

@@ -206,3 +206,13 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     for layer in adapted_modules(model).values():
         layer.unmerge()
     return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base layers back: a model with no lowrank code in it."""
+    for name, layer in adapted_modules(model).items():
+        layer.merge()
+        _replace(model, name, layer.base)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model

@@ -205,6 +205,17 @@ def test_save_and_load_roundtrip(tmp_path, adapter):
     assert not any(p.suffix in (".pt", ".bin", ".pkl") for p in (tmp_path / "adapter").iterdir())
 
 
+def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs():
+    model = lowrank.adapt(tiny_bert(), "dora", targets=["q", "v"], rank=3)
+    perturb(model)
+    x = tokens()
+    expected = out(model, x)
+    plain = lowrank.merge_and_unload(model)
+    assert not lowrank.adapted_modules(plain)
+    assert type(plain.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    assert rel(out(plain, x), expected) <= 1e-5
+
+
 # ---- PEFT ------------------------------------------------------------------------------------------
 
 peft = pytest.importorskip("peft")

@@ -50,7 +50,7 @@ class DoRA(LoRA):
         A, B, s = self.lora_A, self.lora_B, self.scaling
         w0 = self.base_matrix()
         w0_At = (w0 @ A.t().to(w0.dtype)).float()               # (out, r)
-        sq = self._w0_sq + 2 * s * (w0_At * B).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
+        sq = self._w0_sq.float() + 2 * s * (w0_At * B).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
         return sq.clamp_min(1e-12).sqrt()
 
     def _scale(self) -> torch.Tensor:

@@ -1,0 +1,272 @@
+"""Speed options for training adapters on a frozen transformers model; the model stays the
+transformers model (same modules, same state dict, same outputs up to bf16 rounding).
+
+With the base frozen, most of a step's time outside the big matrix products goes to memory-bound
+work in the base model (RMSNorm, rotary embedding, the SwiGLU activation, residual adds) and to the
+vocabulary-sized loss (a 4×2048×32000 logits tensor, upcast to float32, written and read several
+times). Three independent options attack it; ``benchmarks/gpu_step.py`` measures each:
+
+- ``compile(model)``: regional ``torch.compile`` — each repeated transformer block (the decoder or
+  encoder layers, adapters included) is compiled in place with ``nn.Module.compile``. The blocks share
+  one compiled graph, so compiling costs one block's time, not the whole model's, and the rest of the
+  model (embedding, mask, loss) stays eager.
+- ``liger(model)``: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) on a LLaMA-family instance, patched
+  onto this instance only (no class or module global stays replaced outside its forward).
+- ``causal_lm_loss(model, input_ids, labels)`` / ``linear_cross_entropy``: the LM head and the
+  cross-entropy fused and chunked over tokens, so the logits never exist whole; the gradient with
+  respect to the hidden states is computed during the forward, chunk by chunk (Liger's kernel where it
+  is installed and on a GPU, a plain PyTorch implementation otherwise). Equal to transformers'
+  ``ForCausalLMLoss`` (mean over non-ignored shifted labels).
+
+None of these touch the adapter layers; they apply to PEFT models too (a ``PeftModel`` is unwrapped),
+which is how the benchmark gives both sides the same base speed-ups.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "compile",
+    "repeated_blocks",
+    "liger",
+    "liger_available",
+    "linear_cross_entropy",
+    "causal_lm_loss",
+    "unwrap",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        return get_base()
+    return model
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated transformer blocks: the longest ``nn.ModuleList`` whose items are all of
+    one class (``model.layers`` of a LLaMA, ``encoder.layer`` of a BERT)."""
+    best: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best):
+            items = list(module)
+            if items and len({type(m) for m in items}) == 1:
+                best = items
+    if not best:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of identical blocks to compile; "
+                         "pass blocks=... explicitly")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.compile
+
+def compile(model: nn.Module, *, blocks: list[nn.Module] | None = None, mode: str | None = None,
+            fullgraph: bool = False, dynamic: bool | None = False, backend: str = "inductor",
+            cache_size_limit: int | None = 64) -> nn.Module:
+    """Compile each repeated block of ``model`` in place (regional compilation); returns ``model``.
+
+    Call it after ``lowrank.adapt`` (the adapters are compiled with the block). The first forward
+    and backward compile one block (tens of seconds on a GPU); the other blocks reuse it. ``mode`` is
+    ``torch.compile``'s (``None``, ``"max-autotune-no-cudagraphs"``...). Modules keep their class and
+    parameter names, so saving and ``lowrank.adapted_modules`` are unaffected.
+    """
+    if cache_size_limit is not None:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        cfg.cache_size_limit = max(cfg.cache_size_limit, cache_size_limit)
+        if hasattr(cfg, "accumulated_cache_size_limit"):
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * cache_size_limit)
+    for block in blocks if blocks is not None else repeated_blocks(unwrap(model)):
+        block.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Liger kernels for the frozen base
+
+def liger_available() -> bool:
+    """Whether Liger kernels can run here (the package imports and a CUDA device is present)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("liger_kernel.transformers.functional")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def _rms_norm_forward(self, hidden_states):
+    from liger_kernel.transformers.functional import liger_rms_norm
+
+    eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
+    return liger_rms_norm(hidden_states, self.weight, eps, offset=0.0, casting_mode="llama", in_place=True)
+
+
+def _swiglu_forward(self, x):
+    from liger_kernel.transformers.functional import liger_swiglu
+
+    return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def liger(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True) -> nn.Module:
+    """Put Liger's RMSNorm, SwiGLU and RoPE kernels into a LLaMA-family model instance; returns it.
+
+    Only this instance changes: norms and MLPs get a new bound ``forward``; for RoPE the modeling
+    module's ``apply_rotary_pos_emb`` is swapped for Liger's during this model's forward only (the
+    attention code looks it up there), and restored afterwards. Needs ``liger-kernel`` and a GPU.
+    """
+    if not liger_available():
+        raise RuntimeError("Liger kernels need the liger-kernel package and a CUDA device "
+                           "(pip install liger-kernel); use lowrank.accel.compile instead")
+    lm = unwrap(model)
+    family = getattr(getattr(lm, "config", None), "model_type", None)
+    if family not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ValueError(f"lowrank.accel.liger supports LLaMA-family models (llama, mistral, qwen2, qwen3), "
+                         f"not model_type={family!r}; use lowrank.accel.compile")
+    act = getattr(lm.config, "hidden_act", "silu")
+    for module in lm.modules():
+        name = type(module).__name__
+        if rms_norm and name.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+            module.forward = types.MethodType(_rms_norm_forward, module)
+        if swiglu and name.endswith("MLP") and act in ("silu", "swish") and all(
+                hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            module.forward = types.MethodType(_swiglu_forward, module)
+    if rope:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        modeling = importlib.import_module(type(lm).__module__)
+        if not hasattr(modeling, "apply_rotary_pos_emb"):
+            raise ValueError(f"{modeling.__name__} has no apply_rotary_pos_emb to replace; pass rope=False")
+        decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+        inner = decoder.forward
+
+        def forward_with_liger_rope(*args, **kwargs):
+            original = modeling.apply_rotary_pos_emb
+            modeling.apply_rotary_pos_emb = liger_rotary_pos_emb
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                modeling.apply_rotary_pos_emb = original
+
+        decoder.forward = forward_with_liger_rope
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused linear + cross-entropy
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean CE(hidden @ weightᵀ + bias, labels) over non-ignored rows, chunked over rows.
+
+    The gradients are computed in the forward (the chunk's softmax is at hand there) and saved; the
+    backward only scales them, so no chunk of logits outlives its iteration.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        valid_all = labels != ignore_index
+        n = valid_all.sum().clamp_min(1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            lab = labels[start:start + chunk_rows]
+            valid = valid_all[start:start + chunk_rows]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe = torch.where(valid, lab, torch.zeros_like(lab))
+            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+            total = total + torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
+            if need_h or need_w or need_b:
+                grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                grad.scatter_add_(1, safe[:, None], -valid.to(grad.dtype)[:, None])
+                grad.mul_((valid.to(grad.dtype) / n)[:, None])
+                if need_b:
+                    grad_b += grad.sum(0)
+                g = grad.to(hidden.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_rows] = g @ weight.to(hidden.dtype)
+                if need_w:
+                    grad_w += g.t().float() @ h.float()
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
+        ctx.has = (need_h, need_w, need_b)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        out = []
+        for has, g, like in zip(ctx.has, saved, ("h", "w", "b")):
+            out.append(g * grad_out.to(g.dtype) if has else None)
+        grad_h, grad_w, grad_b = out
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         bias: torch.Tensor | None = None, ignore_index: int = -100, impl: str = "auto",
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=...)`` (mean over
+    non-ignored rows) without materialising the (rows × vocabulary) logits.
+
+    ``hidden`` (..., H), ``weight`` (V, H), ``labels`` (...). ``impl``: ``"liger"`` (Liger's fused
+    kernel, GPU), ``"torch"`` (chunked PyTorch, any device) or ``"auto"`` (Liger where available).
+    ``chunk_rows`` (torch impl) defaults to about H·rows/V rows, i.e. a logits chunk the size of ``hidden``.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    lab = labels.reshape(-1)
+    if h.shape[0] != lab.shape[0]:
+        raise ValueError(f"hidden has {h.shape[0]} rows but labels has {lab.shape[0]}")
+    if impl not in ("auto", "liger", "torch"):
+        raise ValueError(f"impl={impl!r}: use 'auto', 'liger' or 'torch'")
+    if impl == "auto":
+        impl = "liger" if h.is_cuda and liger_available() else "torch"
+    if impl == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(h, weight, lab, bias=bias, ignore_index=ignore_index)
+    if chunk_rows is None:
+        chunk_rows = max(256, min(h.shape[0], (h.shape[0] * h.shape[1]) // max(1, weight.shape[0])))
+    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, lab, ignore_index, int(chunk_rows))
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                   attention_mask: torch.Tensor | None = None, ignore_index: int = -100, impl: str = "auto",
+                   **kwargs) -> torch.Tensor:
+    """transformers' causal-LM loss (``model(input_ids, labels=labels).loss``) with the LM head and the
+    cross-entropy fused (``linear_cross_entropy``): the logits are never materialised.
+
+    ``labels`` default to ``input_ids``; they are shifted inside, as transformers does. Works on a
+    ``*ForCausalLM`` model or a PEFT model around one (adapters on the LM head are not supported).
+    """
+    lm = unwrap(model)
+    config = getattr(lm, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, attr, None) not in (None, 1.0):
+            raise ValueError(f"causal_lm_loss does not implement {attr}={getattr(config, attr)}; use the model's loss")
+    head = lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"causal_lm_loss needs a plain nn.Linear LM head, got {type(head).__name__} "
+                         "(an adapted head? use the model's own loss)")
+    decoder = lm.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    labels = input_ids if labels is None else labels
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return linear_cross_entropy(hidden, head.weight, shifted, bias=head.bias, ignore_index=ignore_index,
+                                impl=impl)
