@@ -1,0 +1,56 @@
+"""Module names → (layer index, attention matrix kind), for every architecture family lowrank adapts.
+
+Pure string handling; no model or run is loaded here.
+
+    bert.encoder.layer.3.attention.self.query      → (3, "q")
+    model.layers.3.self_attn.v_proj                → (3, "v")
+    transformer.h.3.attn.c_attn[q]                 → (3, "q")   (slices of a fused qkv projection)
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["parse_module_name", "matrix_label", "KINDS"]
+
+KINDS = ("q", "k", "v", "o")
+
+# last path component (or a [slice] suffix) → kind; checked in order
+_KIND_PATTERNS = [
+    (re.compile(r"\[(q|k|v)\]$"), None),  # fused-qkv slice marker, kind taken from the group
+    (re.compile(r"(?:^|[._])(q_proj|query|q|wq|q_lin)$"), "q"),
+    (re.compile(r"(?:^|[._])(k_proj|key|k|wk|k_lin)$"), "k"),
+    (re.compile(r"(?:^|[._])(v_proj|value|v|wv|v_lin)$"), "v"),
+    (re.compile(r"(?:^|[._])(o_proj|out_proj|dense|wo|o|out_lin|c_proj|dense_proj)$"), "o"),
+]
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks|encoder\.layer|decoder\.layers)\.(\d+)(?:\.|$)")
+_ANY_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def parse_module_name(name: str) -> tuple[int | None, str | None]:
+    """(layer index, kind) for a qualified module name; None where it cannot be read off the name.
+
+    The output projection is recognised only inside an attention block (BERT's `attention.output.dense`,
+    not the MLP's `output.dense`).
+    """
+    layer = None
+    m = _LAYER.search(name)
+    if m is None:
+        m = _ANY_INDEX.search("." + name + ".")
+    if m is not None:
+        layer = int(m.group(1))
+    kind = None
+    for pat, k in _KIND_PATTERNS:
+        hit = pat.search(name)
+        if hit is None:
+            continue
+        kind = k if k is not None else hit.group(1)
+        break
+    if kind == "o" and "attn" not in name and "attention" not in name:
+        kind = None
+    return layer, kind
+
+
+def matrix_label(kind: str | None) -> str:
+    """'q' → 'Wq' (the papers' names)."""
+    return f"W{kind}" if kind else "W"
