@@ -13,6 +13,7 @@ model's skeleton on the meta device (no weights) in ``lowrank.experiment``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,18 +221,26 @@ def _type_error(e: OmegaConfBaseException) -> ConfigError:
         where = f"'{parent}'" if parent else "the top level"
         return ConfigError(f"unknown config key '{key}'; fix: check its spelling (`python run.py --cfg job` "
                            f"lists the keys of {where})")
-    schema = OmegaConf.structured(Config)
-    try:
-        expected = OmegaConf.get_type(schema, key) if "." not in key else None
-    except Exception:  # noqa: BLE001 - only for the message
-        expected = None
-    ref = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    example = {"rank": "rank=8", "alpha": "alpha=16", "seed": "seed=0", "targets": "targets=[q,v]",
-               "layers": "layers=[0,1]"}.get(key, f"{key}=<value>")
-    kind = ref.get(expected, "a value of the schema's type")
     msg = str(e).splitlines()[0]
-    value = e.value if getattr(e, "value", None) is not None else "?"
-    return ConfigError(f"{key}={value!r} is invalid ({msg}); fix: pass {kind}, e.g. {example}")
+    kinds = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+    kind = next((v for k, v in kinds.items() if f"converted to {k}" in msg), None)
+    if kind is None and ("ListConfig" in msg or "list" in msg):
+        kind = "a list"
+    example = f"{key}={_example(key)}"
+    value = getattr(e, "value", None)
+    shown = repr(value) if value is not None else "this value"
+    return ConfigError(f"{key}={shown} is invalid ({msg}); fix: pass {kind or 'a value of the right type'}, "
+                       f"e.g. {example}")
+
+
+def _example(key: str) -> str:
+    """The schema's default for ``key`` written as a command-line value (``[q,v]``, ``8``, ``0.001``)."""
+    default = OmegaConf.select(OmegaConf.structured(Config), key, default=None, throw_on_missing=False)
+    if isinstance(default, (DictConfig, ListConfig)):
+        default = OmegaConf.to_container(default)
+    if default is None:
+        return "<value>"
+    return json.dumps(default).replace(" ", "").replace('"', "")
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> None:
@@ -331,6 +340,9 @@ def _check_adapter(cfg) -> None:
             raise ConfigError(f"rank={cfg.rank} must be a positive integer; fix: e.g. rank=8")
         if cfg.alpha is not None and cfg.alpha <= 0:
             raise ConfigError(f"alpha={cfg.alpha} must be positive; fix: e.g. alpha=16, or alpha=null for α = r")
+    if not all(isinstance(t, str) for t in cfg.targets):
+        raise ConfigError(f"targets={OmegaConf.to_container(cfg.targets)} must be a flat list of names; fix: e.g. "
+                          f"targets=[q,v]")
     if spec.wraps and not cfg.targets:
         raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
     dropout = cfg.adapter.options.get("dropout")

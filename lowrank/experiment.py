@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -44,7 +45,7 @@ _failures: list[str] = []
 def adapt_kwargs(cfg: DictConfig) -> dict:
     """The ``lowrank.adapt`` call for ``cfg``: adapter name, targets, rank, alpha, layers, options."""
     options = {k: v for k, v in OmegaConf.to_container(cfg.adapter.options, resolve=True).items() if v is not None}
-    return {"adapter": cfg.adapter.name, "targets": list(cfg.targets), "rank": int(cfg.rank),
+    return {"adapter": cfg.adapter.name, "targets": [str(t) for t in cfg.targets], "rank": int(cfg.rank),
             "alpha": None if cfg.alpha is None else float(cfg.alpha),
             "layers": None if cfg.layers is None else [int(i) for i in cfg.layers], **options}
 
@@ -67,7 +68,8 @@ def check_targets(cfg: DictConfig, model_config) -> None:
         kwargs = adapt_kwargs(cfg)
         lowrank.adapt(skeleton, kwargs.pop("adapter"), **kwargs)
     except ValueError as e:
-        raise ConfigError(f"{e} (model={cfg.model.name}, adapter={cfg.adapter.name})") from None
+        message = str(e) if "fix:" in str(e) or "; " not in str(e) else str(e).replace("; ", "; fix: ", 1)
+        raise ConfigError(f"model={cfg.model.name} adapter={cfg.adapter.name}: {message}") from None
 
 
 def hydra_job() -> dict:
@@ -135,6 +137,11 @@ def run(cfg: DictConfig) -> dict:
                               f"another hydra.run.dir / hydra.sweep.dir")
         log.info("%s: already completed, skipped", run_dir)
         return previous
+
+    ckpt = train.latest_checkpoint(run_dir / train.CHECKPOINTS)
+    if ckpt is not None and json.loads((ckpt / "state.json").read_text()).get("fingerprint") != fp:
+        raise ConfigError(f"run dir {run_dir} holds a checkpoint of another configuration; fix: choose another "
+                          f"hydra.run.dir / hydra.sweep.dir, or delete {ckpt.parent}")
 
     started = time.time()
     job = hydra_job()
@@ -295,6 +302,10 @@ def preflight(argv: list[str], limit: int = 256) -> int:
             try:
                 cfg = compose("config", overrides=[o for o in overrides if not o.startswith(_HYDRA)])
             except Exception as e:  # noqa: BLE001 - Hydra's composition errors span lines; keep the first
+                unknown = re.match(r"Could not override '([^']+)'", _one_line(e))
+                if unknown:
+                    raise ConfigError(f"unknown config key '{unknown.group(1)}'; fix: check its spelling "
+                                      f"(`python run.py --cfg job` lists the keys)") from None
                 raise ConfigError(f"{_one_line(e)}; fix: check the override's key and value "
                                   f"(`python run.py --help` lists groups and options)") from None
             cfg.paths.output_dir = "<preflight>"  # Hydra resolves it inside the app only
