@@ -47,12 +47,20 @@ def _out_dir(args, infos, name: str) -> Path:
     return out
 
 
-def _lora_runs(infos):
+def _lora_runs(infos, adapter: str | None = None):
+    """The low-rank runs of one adapter: `adapter`, else LoRA when present, else the only one there is."""
     runs = [i for i in infos if i.rank is not None and i.adapter.lower() not in ("full", "ft", "head", "bitfit")]
     if not runs:
         have = sorted({(i.adapter, i.rank) for i in infos}, key=str)
         raise UsageError(f"no low-rank adapter runs among the inputs (adapter, rank) = {have}; pass LoRA run dirs")
-    return runs
+    names = sorted({i.adapter.lower() for i in runs})
+    want = adapter.lower() if adapter else ("lora" if "lora" in names else names[0] if len(names) == 1 else None)
+    if want is None:
+        raise UsageError(f"the inputs mix adapters {names}; pick one with --adapter")
+    picked = [i for i in runs if i.adapter.lower() == want]
+    if not picked:
+        raise UsageError(f"--adapter {adapter} has no runs; adapters present: {names}")
+    return picked
 
 
 def _A_by_layer(info):
@@ -166,7 +174,7 @@ def run_subspace(args) -> int:
     from analysis.subspace import similarity
 
     infos = _load(args)
-    runs = _lora_runs(infos)
+    runs = _lora_runs(infos, args.adapter)
     r1, r2 = _two_ranks(runs, args.ranks)
     small, large = _pick_pair_seed(runs, r1, r2, args.seed)
     A1, A2 = _A_by_layer(small), _A_by_layer(large)
@@ -196,7 +204,7 @@ def run_seeds(args) -> int:
     from analysis.subspace import random_gaussian_similarity, similarity
 
     infos = _load(args)
-    runs = _lora_runs(infos)
+    runs = _lora_runs(infos, args.adapter)
     rank = args.rank or max(i.rank for i in runs)
     a, b = _two_seeds(runs, rank, args.seeds)
     Aa, Ab = _A_by_layer(a), _A_by_layer(b)
@@ -233,7 +241,7 @@ def run_layers(args) -> int:
     from analysis.subspace import similarity
 
     infos = _load(args)
-    runs = _lora_runs(infos)
+    runs = _lora_runs(infos, args.adapter)
     out = _out_dir(args, infos, "layers")
     files, summary = [], {"figures": "LoRA Figures 6 and 7"}
     made = False
@@ -281,7 +289,7 @@ def run_wsubspace(args) -> int:
     from analysis.subspace import similarity_from_bases, right_singular_basis
 
     infos = _load(args)
-    runs = _lora_runs(infos)
+    runs = _lora_runs(infos, args.adapter)
     ranks = sorted({i.rank for i in runs}) if not args.ranks else list(args.ranks)
     seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
     chosen = {r: select(runs, rank=r, seed=seed)[0] for r in ranks}
@@ -328,7 +336,7 @@ def run_amplification(args) -> int:
     from analysis.tables import PAPER_TABLE7, per_layer, table7, write_table
 
     infos = _load(args)
-    runs = [i for i in _lora_runs(infos) if i.adapter.lower() == "lora"] or _lora_runs(infos)
+    runs = _lora_runs(infos, args.adapter)
     ranks = sorted({i.rank for i in runs}) if not args.ranks else list(args.ranks)
     seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
     chosen = {r: select(runs, rank=r, seed=seed)[0] for r in ranks}
@@ -399,16 +407,28 @@ def run_decomposition(args) -> int:
     from analysis.tables import write_table
 
     infos = _load(args)
-    frames = []
+    by_method: dict[str, list] = {}
     for info in infos:
         method = METHOD_NAMES.get(info.adapter.lower())
-        if method is None:
-            continue
-        if args.seed is not None and info.seed != args.seed:
-            continue
-        traj = info.run.weight_trajectory()
+        if method is not None:
+            by_method.setdefault(method, []).append(info)
+    # one run per method, as in the paper: the chosen (or lowest) seed; LoRA at DoRA's rank (or --rank)
+    dora_rank = min((i.rank for i in by_method.get("DoRA", []) if i.rank), default=None)
+    chosen = []
+    for method, runs in by_method.items():
+        seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+        runs = [i for i in runs if seed is None or i.seed == seed]
+        if method != "FT":
+            want = args.rank or dora_rank or min((i.rank for i in runs if i.rank), default=None)
+            runs = [i for i in runs if want is None or i.rank == want] or runs
+        if runs:
+            chosen.append((method, runs[0]))
+    frames = []
+    for method, info in chosen:
+        traj = {s: w for s, w in info.run.weight_trajectory().items() if s != 0 or args.include_step0}
         if len(traj) < 2:
-            print(f"{info.dir.name}: {len(traj)} checkpoint(s), skipped (train with checkpoints)", file=sys.stderr)
+            print(f"{info.dir.name}: {len(traj)} saved step(s), skipped; train with trainer.save_weights_at=[...]",
+                  file=sys.stderr)
             continue
         base = info.run.base_weights()
         df = trajectory(base, traj, kinds=[args.matrix], method=method)
@@ -416,8 +436,8 @@ def run_decomposition(args) -> int:
         frames.append(df)
     if not frames:
         have = sorted({i.adapter for i in infos})
-        raise UsageError(f"no FT/LoRA/DoRA runs with >= 2 checkpoints among adapters {have}; "
-                         "run adapter=full,lora,dora with checkpointing on")
+        raise UsageError(f"no FT/LoRA/DoRA runs with >= 2 saved weight steps among adapters {have}; "
+                         "run adapter=full,lora,dora with trainer.save_weights_at=[...]")
     df = pd.concat(frames, ignore_index=True)
     corr = correlations(df)
     out = _out_dir(args, infos, "decomposition")
@@ -427,6 +447,7 @@ def run_decomposition(args) -> int:
     files += write_table(corr.set_index("method"), out / f"dora_fig2_{args.matrix}_correlations", digits=3,
                          caption=f"Pearson correlation of ΔD and ΔM (W{args.matrix}); paper: FT −0.62, DoRA −0.31, LoRA +0.83")
     summary = {"figure": "DoRA Figure 2", "matrix": args.matrix,
+               "runs": {m: str(i.dir) for m, i in chosen},
                "pearson_r": {r["method"]: float(r["pearson_r"]) for _, r in corr.iterrows()},
                "slope": {r["method"]: float(r["slope"]) for _, r in corr.iterrows()},
                "points": {r["method"]: int(r["points"]) for _, r in corr.iterrows()}}
@@ -495,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.add_argument("--seed", type=int, default=None, help="which training seed's runs to use")
         s.add_argument("--random-seed", type=int, default=0, help="seed of the random baselines")
+        if name not in ("decomposition", "tables"):
+            s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "wsubspace", "amplification"):
             s.add_argument("--layer", type=int, default=None, help="module layer index (default: the middle layer)")
         if name in ("subspace", "layers", "wsubspace", "amplification"):
@@ -517,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="W's top-r SVD: exact, truncated (Lanczos), or auto by size")
         if name == "decomposition":
             s.add_argument("--matrix", choices=list("qkvo"), default="q", help="q = DoRA Fig. 2, v = Fig. 7")
+            s.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank to use (default: DoRA's)")
+            s.add_argument("--include-step0", action="store_true",
+                           help="keep step 0 (W = W0, so ΔM = ΔD = 0) in the scatter")
         if name == "tables":
             s.add_argument("--metric", default=None, help="metric column (default: the accuracy-like one)")
             s.add_argument("--budget", type=int, default=None, help="rank units per layer for Table 5 (e.g. 8)")

@@ -318,8 +318,11 @@ def dora_figure2(df, *, methods: Sequence[str] = ("FT", "LoRA", "DoRA"), kind: s
 
 def save(fig, stem: str | Path, *, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write the figure as <stem>.png and <stem>.pdf (the paper style's dpi); close it; return the paths."""
+    import logging
+
     import matplotlib.pyplot as plt
 
+    logging.getLogger("fontTools").setLevel(logging.ERROR)  # PDF font subsetting chatter
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []

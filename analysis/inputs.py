@@ -188,11 +188,37 @@ def sweep_root(paths: Sequence[str | Path], infos: Sequence[RunInfo] = ()) -> Pa
     return Path(os.path.commonpath([str(d) for d in dirs]))
 
 
-def load_sweep_table(paths: Sequence[str | Path]):
-    """The aggregate table of one or more sweep directories (`lowrank.results.load_sweep`), concatenated."""
+def load_sweep_table(paths: Sequence[str | Path], *, fill: Sequence[str] = ("adapter", "targets", "rank", "seed", "task")):
+    """The aggregate table of one or more sweep directories (`lowrank.results.load_sweep`), concatenated.
+
+    The table holds only the keys a sweep varied; the `fill` keys it lacks (e.g. targets when only rank
+    was swept) are read from each run's resolved config so that Tables 5-6 can group on them.
+    """
     import pandas as pd
 
-    from lowrank.results import load_sweep
+    from lowrank.results import load_run, load_sweep
 
-    frames = [load_sweep(p) for p in paths]
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    frames = []
+    for p in paths:
+        df = load_sweep(p)
+        if df.empty:
+            raise FileNotFoundError(f"no run directories under {p}; pass the sweep dir a `python run.py -m` wrote")
+        missing = [k for k in fill if k not in df.columns or df[k].isna().any()]
+        if missing:
+            described = [describe(load_run(Path(p) / r)) for r in df["run"]]
+            for key in missing:
+                vals = [getattr(i, key) for i in described]
+                if key == "targets":
+                    vals = [",".join(v) for v in vals]
+                if key not in df.columns:
+                    df[key] = vals
+                else:
+                    df[key] = df[key].where(df[key].notna(), pd.Series(vals, index=df.index))
+        df.insert(0, "sweep", str(p))
+        frames.append(df)
+        cfg = load_run(Path(p) / df["run"].iloc[0]).config or {}
+        metric = _get(cfg, "task.metric")
+    out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if metric:
+        out.attrs["metric"] = str(metric)  # the task's own metric: tables pick best/<metric> by default
+    return out

@@ -110,6 +110,11 @@ def find_metric(df: pd.DataFrame, metric: str | None) -> str:
         if len(near) == 1:
             return near[0]
         raise KeyError(f"metric {metric!r} is not a column of the sweep table; pick one of {numeric}")
+    task_metric = df.attrs.get("metric")
+    if task_metric:
+        for cand in (f"best/{task_metric}", f"final/{task_metric}", task_metric):
+            if cand in numeric:
+                return cand
     hits = [c for c in numeric if _METRIC_HINTS.search(str(c))]
     best = [c for c in hits if "best" in str(c).lower()]
     if len(best) == 1:
@@ -235,6 +240,9 @@ def table6(
 def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, *, ours_label: str = "this run", paper_label: str = "paper (GPT-3 175B)"):
     """Stack our table above the paper's, the first index level saying which is which."""
     cols = list(dict.fromkeys([*ours.columns, *paper.columns]))
+    ranks = [re.fullmatch(r"r=(\d+)", str(c)) for c in cols]
+    if all(ranks):
+        cols = sorted(cols, key=lambda c: int(str(c)[2:]))
     return pd.concat({ours_label: ours.reindex(columns=cols), paper_label: paper.reindex(columns=cols)})
 
 

