@@ -373,9 +373,9 @@ def _check_trainer(t) -> None:
 def local_files(task) -> dict[str, str]:
     """``{split: relative path}`` of a task's local files."""
     local = task.local
-    if local.all is not None:
+    if local.get("all") is not None:
         return {"all": local.all}
-    return {k: v for k, v in (("train", local.train), ("eval", local.eval), ("test", local.test)) if v}
+    return {k: local.get(k) for k in ("train", "eval", "test") if local.get(k)}
 
 
 def check_data_dir(task, data_dir: str) -> None:
@@ -384,8 +384,8 @@ def check_data_dir(task, data_dir: str) -> None:
     missing = [rel for rel in local_files(task).values() if not (root / rel).is_file()]
     if not missing:
         return
-    if task.hub is not None and not is_offline():
+    if task.get("hub") is not None and not is_offline():
         return  # lowrank.data falls back to the hub source
-    why = "offline (HF_*_OFFLINE is set)" if task.hub is not None else f"task {task.name!r} has no hub source"
+    why = "offline (HF_*_OFFLINE is set)" if task.get("hub") is not None else f"task {task.name!r} has no hub source"
     raise ConfigError(f"data dir '{root}' has no {missing[0]} for task={task.name} and {why}; fix: set "
                       f"LOWRANK_DATA_DIR (or paths.data_dir=...) to the folder holding {missing[0].split('/')[0]}/")

@@ -54,9 +54,9 @@ def write_tiny_data(root: Path) -> Path:
             ("name[Cotto], eatType[pub]", "Cotto is a pub."),
             ("name[Cotto], eatType[pub]", "There is a pub called Cotto."),
             ("name[Zizzi], priceRange[cheap]", "Zizzi is cheap.")]
-    csv = header + "".join(f'"{mr}","{ref}",0,"{mr}"\n' for mr, ref in rows)
-    (root / "e2e_cleaned" / "devel-fixed.no-ol.csv").write_text(csv * 4)
-    (root / "e2e_cleaned" / "test-fixed.csv").write_text(csv)
+    body = "".join(f'"{mr}","{ref}",0,"{mr}"\n' for mr, ref in rows)
+    (root / "e2e_cleaned" / "devel-fixed.no-ol.csv").write_text(header + body * 4)
+    (root / "e2e_cleaned" / "test-fixed.csv").write_text(header + body)
     return root
 
 
