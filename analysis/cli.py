@@ -63,12 +63,16 @@ def _lora_runs(infos, adapter: str | None = None):
     return picked
 
 
-def _A_by_layer(info):
+def _A_by_layer(info, factor: str = "A"):
+    """{(layer, kind): the factor whose rows span the rank directions}: A (r, in), or Bᵀ (r, out) for
+    footnote 7's left-singular-vector variant (right singular vectors of Bᵀ = left ones of B)."""
     from analysis.inputs import by_layer
 
     factors = info.run.factors()
     if not factors:
         raise UsageError(f"run {info.dir} has no LoRA factors (adapter {info.adapter!r}); use a lora/dora run")
+    if factor == "B":
+        return by_layer({m: f["B"].T for m, f in factors.items()})
     return by_layer({m: f["A"] for m, f in factors.items()})
 
 
@@ -177,18 +181,18 @@ def run_subspace(args) -> int:
     runs = _lora_runs(infos, args.adapter)
     r1, r2 = _two_ranks(runs, args.ranks)
     small, large = _pick_pair_seed(runs, r1, r2, args.seed)
-    A1, A2 = _A_by_layer(small), _A_by_layer(large)
+    A1, A2 = _A_by_layer(small, args.factor), _A_by_layer(large, args.factor)
     layers = sorted({layer for layer, _ in A1} & {layer for layer, _ in A2})
     layer = args.layer if args.layer is not None else _middle(layers)
     phi = {k: similarity(_need(A1, (layer, k), small, "subspace"), _need(A2, (layer, k), large, "subspace"))
            for k in "qv"}
     out = _out_dir(args, infos, "subspace")
     stem = out / f"fig3_layer{layer}"
-    files = figures.save(figures.figure3(phi["q"], phi["v"], ranks=(r1, r2), layer=layer), stem)
+    files = figures.save(figures.figure3(phi["q"], phi["v"], ranks=(r1, r2), layer=layer, factor=args.factor), stem)
     np.savez(stem.with_suffix(".npz"), phi_q=phi["q"], phi_v=phi["v"])
     files.append(stem.with_suffix(".npz"))
     summary = {
-        "figure": "LoRA Figure 3", "layer": layer, "ranks": [r1, r2], "seed": small.seed,
+        "figure": "LoRA Figure 3", "factor": args.factor, "layer": layer, "ranks": [r1, r2], "seed": small.seed,
         "runs": [str(small.dir), str(large.dir)],
         "phi_11": {k: float(phi[k][0, 0]) for k in "qv"},
         "phi_top1_overlap_gt_0.5": {k: bool(phi[k][0, 0] > 0.5) for k in "qv"},
@@ -207,7 +211,7 @@ def run_seeds(args) -> int:
     runs = _lora_runs(infos, args.adapter)
     rank = args.rank or max(i.rank for i in runs)
     a, b = _two_seeds(runs, rank, args.seeds)
-    Aa, Ab = _A_by_layer(a), _A_by_layer(b)
+    Aa, Ab = _A_by_layer(a, args.factor), _A_by_layer(b, args.factor)
     layers = sorted({layer for layer, _ in Aa} & {layer for layer, _ in Ab})
     layer = args.layer if args.layer is not None else _middle(layers)
     phi = {k: similarity(_need(Aa, (layer, k), a, "seeds"), _need(Ab, (layer, k), b, "seeds")) for k in "qv"}
@@ -215,11 +219,11 @@ def run_seeds(args) -> int:
     rand = random_gaussian_similarity(tuple(shape), seed=args.random_seed)
     out = _out_dir(args, infos, "seeds")
     stem = out / f"fig4_layer{layer}"
-    files = figures.save(figures.figure4(phi["q"], phi["v"], rand, rank=rank, layer=layer), stem)
+    files = figures.save(figures.figure4(phi["q"], phi["v"], rand, rank=rank, layer=layer, factor=args.factor), stem)
     np.savez(stem.with_suffix(".npz"), phi_q=phi["q"], phi_v=phi["v"], phi_random=rand)
     files.append(stem.with_suffix(".npz"))
     summary = {
-        "figure": "LoRA Figure 4", "layer": layer, "rank": rank, "seeds": [a.seed, b.seed],
+        "figure": "LoRA Figure 4", "factor": args.factor, "layer": layer, "rank": rank, "seeds": [a.seed, b.seed],
         "runs": [str(a.dir), str(b.dir)],
         "phi_11": {k: float(phi[k][0, 0]) for k in "qv"},
         "mean_phi": {**{k: float(phi[k].mean()) for k in "qv"}, "random": float(rand.mean())},
@@ -248,11 +252,11 @@ def run_layers(args) -> int:
     try:
         r1, r2 = _two_ranks(runs, args.ranks)
         small, large = _pick_pair_seed(runs, r1, r2, args.seed)
-        A1, A2 = _A_by_layer(small), _A_by_layer(large)
+        A1, A2 = _A_by_layer(small, args.factor), _A_by_layer(large, args.factor)
         layers = args.layers or _spread_layers(sorted({layer for layer, _ in A1} & {layer for layer, _ in A2}))
         phis = {L: tuple(similarity(_need(A1, (L, k), small, "layers"), _need(A2, (L, k), large, "layers"))
                          for k in "qv") for L in layers}
-        files += figures.save(figures.figure6(phis, ranks=(r1, r2)), out / "fig6")
+        files += figures.save(figures.figure6(phis, ranks=(r1, r2), factor=args.factor), out / "fig6")
         np.savez(out / "fig6.npz", **{f"phi_{k}_layer{L}": phis[L][i] for L in layers for i, k in enumerate("qv")})
         files.append(out / "fig6.npz")
         summary["fig6"] = {"ranks": [r1, r2], "layers": layers,
@@ -263,11 +267,11 @@ def run_layers(args) -> int:
     try:
         rank = args.rank or max(i.rank for i in runs)
         a, b = _two_seeds(runs, rank, args.seeds)
-        Aa, Ab = _A_by_layer(a), _A_by_layer(b)
+        Aa, Ab = _A_by_layer(a, args.factor), _A_by_layer(b, args.factor)
         layers = args.layers or _spread_layers(sorted({layer for layer, _ in Aa} & {layer for layer, _ in Ab}))
         phis = {L: tuple(similarity(_need(Aa, (L, k), a, "layers"), _need(Ab, (L, k), b, "layers")) for k in "qv")
                 for L in layers}
-        files += figures.save(figures.figure7(phis, rank=rank), out / "fig7")
+        files += figures.save(figures.figure7(phis, rank=rank, factor=args.factor), out / "fig7")
         np.savez(out / "fig7.npz", **{f"phi_{k}_layer{L}": phis[L][i] for L in layers for i, k in enumerate("qv")})
         files.append(out / "fig7.npz")
         summary["fig7"] = {"rank": rank, "seeds": [a.seed, b.seed], "layers": layers,
@@ -518,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--random-seed", type=int, default=0, help="seed of the random baselines")
         if name not in ("decomposition", "tables"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
+        if name in ("subspace", "seeds", "layers"):
+            s.add_argument("--factor", choices=["A", "B"], default="A",
+                           help="A: right singular vectors of A (the paper); B: left singular vectors of B (fn. 7)")
         if name in ("subspace", "seeds", "wsubspace", "amplification"):
             s.add_argument("--layer", type=int, default=None, help="module layer index (default: the middle layer)")
         if name in ("subspace", "layers", "wsubspace", "amplification"):

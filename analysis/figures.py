@@ -113,7 +113,7 @@ def _mat(kind: str) -> str:
 
 
 def figure3(phi_q: np.ndarray, phi_v: np.ndarray, *, ranks: tuple[int, int] = (8, 64), zoom: int = 8,
-            layer: int | None = None, suptitle: str | None = None):
+            layer: int | None = None, suptitle: str | None = None, factor: str = "A"):
     """LoRA Figure 3: φ(A_{r=8}, A_{r=64}, i, j) for ΔWq, ΔWv (i ≤ r_small, j ≤ r_large) and their zooms
     i, j ≤ `zoom` (the paper's lower-left corner). Colour bar 0-1."""
     r1, r2 = ranks
@@ -131,12 +131,12 @@ def figure3(phi_q: np.ndarray, phi_v: np.ndarray, *, ranks: tuple[int, int] = (8
             ax.set_ylabel("")
         _colorbar(fig, im, axes, 0.0, 1.0, 0.2)
         where = f", layer {layer}" if layer is not None else ""
-        fig.suptitle(suptitle or rf"$\phi(A_{{r={r1}}}, A_{{r={r2}}}, i, j)${where}", fontsize=10)
+        fig.suptitle(suptitle or rf"$\phi({factor}_{{r={r1}}}, {factor}_{{r={r2}}}, i, j)${where}", fontsize=10)
     return fig
 
 
 def figure4(phi_q: np.ndarray, phi_v: np.ndarray, phi_random: np.ndarray, *, rank: int = 64,
-            layer: int | None = None, vmax: float = 0.5):
+            layer: int | None = None, vmax: float = 0.5, factor: str = "A"):
     """LoRA Figure 4: φ(A_{r=64}, A'_{r=64}, i, j) across two seeds for ΔWq, ΔWv, and two random
     Gaussian matrices of the same shape. Colour bar 0-0.5."""
     with style() as plt:
@@ -148,11 +148,12 @@ def figure4(phi_q: np.ndarray, phi_v: np.ndarray, phi_random: np.ndarray, *, ran
             ax.set_ylabel("")
         _colorbar(fig, im, list(axes), 0.0, vmax, 0.1)
         where = f", layer {layer}" if layer is not None else ""
-        fig.suptitle(rf"$\phi(A_{{r={rank}}}, A'_{{r={rank}}}, i, j)${where}", fontsize=10)
+        fig.suptitle(rf"$\phi({factor}_{{r={rank}}}, {factor}'_{{r={rank}}}, i, j)${where}", fontsize=10)
     return fig
 
 
-def figure6(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, ranks: tuple[int, int] = (8, 64), zoom: int = 8):
+def figure6(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, ranks: tuple[int, int] = (8, 64), zoom: int = 8,
+            factor: str = "A"):
     """LoRA Figure 6: Figure 3's four panels for each layer (one row per layer). Colour bar 0-1."""
     r1, r2 = ranks
     layers = list(phis)
@@ -174,11 +175,12 @@ def figure6(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, ranks: tuple[i
                     ax_row[k].set_xlabel("")
             axes += ax_row
         _colorbar(fig, im, axes, 0.0, 1.0, 0.2)
-        fig.suptitle(rf"$\phi(A_{{r={r1}}}, A_{{r={r2}}}, i, j)$", fontsize=10)
+        fig.suptitle(rf"$\phi({factor}_{{r={r1}}}, {factor}_{{r={r2}}}, i, j)$", fontsize=10)
     return fig
 
 
-def figure7(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, rank: int = 64, vmax: float = 0.8):
+def figure7(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, rank: int = 64, vmax: float = 0.8,
+            factor: str = "A"):
     """LoRA Figure 7: φ(A_{r=64}, A'_{r=64}, i, j) across seeds for each layer; rows ΔWq, ΔWv. 0-0.8."""
     layers = list(phis)
     with style() as plt:
@@ -193,7 +195,7 @@ def figure7(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, rank: int = 64
                 if r == 0:
                     axes[r, c].set_xlabel("")
         _colorbar(fig, im, list(axes.ravel()), 0.0, vmax, 0.1)
-        fig.suptitle(rf"$\phi(A_{{r={rank}}}, A'_{{r={rank}}}, i, j)$", fontsize=10)
+        fig.suptitle(rf"$\phi({factor}_{{r={rank}}}, {factor}'_{{r={rank}}}, i, j)$", fontsize=10)
     return fig
 
 
@@ -240,7 +242,8 @@ def table7_plot(per_layer, *, matrices: Sequence[str] = ("q", "v")):
                 top.plot(g.index, g["own"], color=col, ls="--", marker="s", ms=3, label=f"W's top-{r}")
                 top.plot(g.index, g["delta"], color=col, ls="-", marker="o", ms=3.5, label=rf"$\Delta W$'s top-{r}")
                 top.plot(g.index, g["random"], color=col, ls=":", marker="x", ms=3.5, label=f"random, r={r}")
-                top.plot(g.index, g["random_expected"], color=col, ls="-", lw=0.5, alpha=0.5)
+                top.plot(g.index, g["random_expected"], color=col, ls="-", lw=0.6, alpha=0.5,
+                         label=rf"$r\|W\|_F/d$, r={r}")
                 bot.plot(g.index, g["factor"], color=col, marker="o", ms=3.5, label=f"r={r}")
             from matplotlib.ticker import LogFormatter
 

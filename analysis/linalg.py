@@ -74,23 +74,16 @@ class LanczosInfo:
     iteration_dtype: str = "float64"
 
 
-def _orthogonalize(X: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
-    # classical block Gram-Schmidt, done twice ("twice is enough", Giraud et al. 2005)
-    for _ in range(2):
-        for B in blocks:
-            X -= B @ (B.T @ X)
-    return X
-
-
 def _qr(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Thin QR of a tall block: CholeskyQR2 in float64 (two GEMMs and a b×b Cholesky, much faster than
     Householder on a tall-skinny block here), Householder when the block is too ill-conditioned."""
     Y64 = Y.astype(np.float64, copy=False)
+    eye = np.eye(Y.shape[1])
     try:
         R1 = sla.cholesky(Y64.T @ Y64, lower=False, check_finite=False)
-        Q = sla.solve_triangular(R1, Y64.T, trans="T", lower=False, check_finite=False).T
+        Q = Y64 @ sla.solve_triangular(R1, eye, lower=False, check_finite=False)  # b×b inverse, then one GEMM
         R2 = sla.cholesky(Q.T @ Q, lower=False, check_finite=False)
-        Q = sla.solve_triangular(R2, Q.T, trans="T", lower=False, check_finite=False).T
+        Q = Q @ sla.solve_triangular(R2, eye, lower=False, check_finite=False)
         R = R2 @ R1
         if not np.all(np.isfinite(Q)):
             raise np.linalg.LinAlgError("non-finite")
@@ -140,51 +133,55 @@ def block_lanczos_svd(
     max_dim = min(p, max_dim or p)
     Wi = W.astype(dtype, copy=False)
     rng = np.random.default_rng(seed)
-    P0, _ = _qr(rng.standard_normal((n, b)).astype(dtype))
-    Ps, Qs, Rs, Ss = [P0], [], [], []
+    steps = max_dim // b
+    # contiguous bases: one GEMM pair per reorthogonalisation instead of one per block
+    Pb = np.empty((n, (steps + 1) * b), dtype=dtype)
+    Qb = np.empty((m, steps * b), dtype=dtype)
+    M = np.zeros((steps * b, steps * b))  # Qᵀ W P, block upper bidiagonal
+    Pb[:, :b], _ = _qr(rng.standard_normal((n, b)).astype(dtype))
     matmuls = 0
     history: list[np.ndarray] = []
     change = rel = np.inf
+    converged = False
+    t = 0
     while True:
-        Y = Wi @ Ps[-1]
+        lo, hi = t * b, (t + 1) * b
+        Y = Wi @ Pb[:, lo:hi]
         matmuls += 1
-        if Ss:
-            Y -= Qs[-1] @ Ss[-1].T
-        Y = _orthogonalize(Y, Qs)
-        Q, R = _qr(Y)
-        Qs.append(Q)
-        Rs.append(R)
-        Z = Wi.T @ Q
+        if t:
+            Y -= Qb[:, lo - b : lo] @ M[lo - b : lo, lo:hi].astype(dtype)
+            for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+                Y -= Qb[:, :lo] @ (Qb[:, :lo].T @ Y)
+        Qb[:, lo:hi], R = _qr(Y)
+        M[lo:hi, lo:hi] = R
+        Z = Wi.T @ Qb[:, lo:hi]
         matmuls += 1
-        Z -= Ps[-1] @ R.T
-        Z = _orthogonalize(Z, Ps)
-        Pn, S = _qr(Z)
-        t = len(Qs)
-        dim = t * b
-        M = np.zeros((dim, dim))
-        for s in range(t):
-            M[s * b : (s + 1) * b, s * b : (s + 1) * b] = Rs[s]
-            if s + 1 < t:
-                M[s * b : (s + 1) * b, (s + 1) * b : (s + 2) * b] = Ss[s].T
+        Z -= Pb[:, lo:hi] @ R.T.astype(dtype)
+        for _ in range(2):
+            Z -= Pb[:, :hi] @ (Pb[:, :hi].T @ Z)
+        Pb[:, hi : hi + b], S = _qr(Z)
+        t += 1
+        dim = hi
+        if hi + b <= M.shape[1]:
+            M[lo:hi, hi : hi + b] = S.T  # enters the projected matrix with the next block
+        Md = M[:dim, :dim]
         kk = min(k, dim)
+        if dim + lag * b < 2 * k and t < steps:  # too early to have converged: skip the small eigenproblem
+            continue
         if criterion == "residual":
-            X, sig, Yh = thin_svd(M)
-            res = np.linalg.norm(S.astype(np.float64) @ X[-b:, :kk], axis=0)
+            X, sig, Yh = thin_svd(Md)
+            res = np.linalg.norm(S @ X[-b:, :kk], axis=0)
             rel = float(res.max() / sig[0]) if sig[0] > 0 else 0.0
         else:  # values only: top-k eigenvalues of MᵀM (several times cheaper than an SVD of M, and the
             # squaring costs nothing at the top of the spectrum, where σ_i/σ_1 is far above sqrt(eps))
-            ev = sla.eigh(M.T @ M, eigvals_only=True, subset_by_index=(dim - kk, dim - 1), check_finite=False)
+            ev = sla.eigh(Md.T @ Md, eigvals_only=True, subset_by_index=(dim - kk, dim - 1), check_finite=False)
             sig = np.sqrt(np.clip(ev[::-1], 0.0, None))
         history.append(sig[:kk].copy())
         if len(history) > lag and len(history[-1 - lag]) == kk:
             change = float(np.max(np.abs(sig[:kk] - history[-1 - lag])) / sig[0]) if sig[0] > 0 else 0.0
-        Ss.append(S)
-        Ps.append(Pn)
         if kk == k:
             converged = (change if criterion == "values" else rel) <= tol
-        else:
-            converged = False
-        if converged or dim + b > max_dim:
+        if converged or t >= steps:
             break
     if kk < k:
         raise RuntimeError(f"block Lanczos reached only {dim} < k={k} directions; raise max_dim")
@@ -196,10 +193,10 @@ def block_lanczos_svd(
             stacklevel=2,
         )
     if criterion == "values":
-        X, sig, Yh = thin_svd(M)
+        X, sig, Yh = thin_svd(Md)
     # float64 polish: orthonormalise the top-k Ritz vectors and re-project W on them
-    U0, _ = np.linalg.qr(np.hstack(Qs).astype(np.float64) @ X[:, :k])
-    V0, _ = np.linalg.qr(np.hstack(Ps[:-1]).astype(np.float64) @ Yh[:k].T)
+    U0, _ = _qr(Qb[:, :dim].astype(np.float64) @ X[:, :k])
+    V0, _ = _qr(Pb[:, :dim].astype(np.float64) @ Yh[:k].T)
     WV = W @ V0
     Xp, s, Yph = thin_svd(U0.T @ WV)
     U, V = U0 @ Xp, V0 @ Yph.T

@@ -114,6 +114,14 @@ def test_subspace_figure3_matches_the_factors(sweep, tmp_path):
     assert s["phi_11"]["q"] == pytest.approx(similarity(A4, A16)[0, 0], abs=1e-12)
     phi = np.load(tmp_path / "subspace" / "fig3_layer1.npz")["phi_q"]
     assert phi.shape == (4, 16)
+    # footnote 7's variant: left singular vectors of B
+    assert main(["subspace", str(sweep), "--out", str(tmp_path / "B"), "--wandb", "off", "--layer", "1",
+                 "--factor", "B"]) == 0
+    B4 = load_run(sweep / "adapter=lora,rank=4,seed=0").factors()[name]["B"]
+    B16 = load_run(sweep / "adapter=lora,rank=16,seed=0").factors()[name]["B"]
+    sB = _summary(tmp_path / "B", "subspace")
+    assert sB["factor"] == "B"
+    assert sB["phi_11"]["q"] == pytest.approx(similarity(B4, B16, side="left")[0, 0], abs=1e-12)
 
 
 def test_seeds_layers_wsubspace(sweep, tmp_path):
