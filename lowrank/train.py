@@ -181,7 +181,9 @@ def generate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) 
                                  length_penalty=gen.length_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
                                  do_sample=False, pad_token_id=data.pad_id, eos_token_id=tokenizer_eos)
         for i, row in enumerate(ids[:, batch["input_ids"].shape[1]:].tolist()):
-            out.append({"mr": data.sources[start + i], "prediction": data.decode(row).strip(),
+            text = data.decode(row).strip()
+            # E2E references are one line: a description ends at the first line break (the model may go on)
+            out.append({"mr": data.sources[start + i], "prediction": text.split("\n")[0].strip(),
                         "references": data.references[start + i]})
     return out
 
