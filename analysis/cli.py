@@ -64,8 +64,9 @@ def _lora_runs(infos, adapter: str | None = None):
 
 
 def _A_by_layer(info, factor: str = "A"):
-    """{(layer, kind): the factor whose rows span the rank directions}: A (r, in), or Bᵀ (r, out) for
-    footnote 7's left-singular-vector variant (right singular vectors of Bᵀ = left ones of B)."""
+    """{(layer, kind): a matrix whose right singular vectors are the directions compared}: A (r, in) as in
+    the paper; Bᵀ (r, out) for footnote 7's variant (right singular vectors of Bᵀ = left ones of B); or
+    Σ·Vh of ΔW = s·B·A (r, in), i.e. ΔW's right singular directions in ΔW's own order."""
     from analysis.inputs import by_layer
 
     factors = info.run.factors()
@@ -73,6 +74,14 @@ def _A_by_layer(info, factor: str = "A"):
         raise UsageError(f"run {info.dir} has no LoRA factors (adapter {info.adapter!r}); use a lora/dora run")
     if factor == "B":
         return by_layer({m: f["B"].T for m, f in factors.items()})
+    if factor == "dW":  # ΔW's own right singular directions, ordered by ΔW's singular values (Σ Vh, r × in)
+        from analysis.amplification import factored_directions
+
+        def rows(f):
+            d = factored_directions(f["A"], f["B"], float(f.get("scaling") or 1.0))
+            return d.s[:, None] * d.Vh
+
+        return by_layer({m: rows(f) for m, f in factors.items()})
     return by_layer({m: f["A"] for m, f in factors.items()})
 
 
@@ -370,7 +379,7 @@ def run_amplification(args) -> int:
     layer = args.layer if args.layer is not None else int(_middle(layers))
     matrix = args.matrices[0]
     t7 = table7(study, layer=layer, matrix=matrix)
-    files = write_table(t7, out / f"table7_layer{layer}_{matrix}", caption=(
+    files = write_table(t7, out / f"table7_layer{layer}_{matrix}", digits=3, caption=(
         f"Table 7 on {first.model or 'the model'}, W{matrix} of layer {layer}: ‖UᵀWVᵀ‖_F with U, V the top-r "
         "singular directions of ΔW, of W, or random"))
     files += write_table(PAPER_TABLE7, out / "table7_paper", caption="Table 7 of the LoRA paper (GPT-3 175B, layer 48 Wq)")
@@ -523,8 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in ("decomposition", "tables"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "layers"):
-            s.add_argument("--factor", choices=["A", "B"], default="A",
-                           help="A: right singular vectors of A (the paper); B: left singular vectors of B (fn. 7)")
+            s.add_argument("--factor", choices=["A", "B", "dW"], default="A",
+                           help="A: right singular vectors of A (the paper); B: left singular vectors of B (fn. 7); "
+                                "dW: right singular vectors of ΔW = sBA")
         if name in ("subspace", "seeds", "wsubspace", "amplification"):
             s.add_argument("--layer", type=int, default=None, help="module layer index (default: the middle layer)")
         if name in ("subspace", "layers", "wsubspace", "amplification"):

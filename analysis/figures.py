@@ -112,6 +112,10 @@ def _mat(kind: str) -> str:
     return rf"$\Delta W_{kind}$"
 
 
+def _sym(factor: str) -> str:
+    return r"\Delta W" if factor == "dW" else factor
+
+
 def figure3(phi_q: np.ndarray, phi_v: np.ndarray, *, ranks: tuple[int, int] = (8, 64), zoom: int = 8,
             layer: int | None = None, suptitle: str | None = None, factor: str = "A"):
     """LoRA Figure 3: φ(A_{r=8}, A_{r=64}, i, j) for ΔWq, ΔWv (i ≤ r_small, j ≤ r_large) and their zooms
@@ -131,7 +135,7 @@ def figure3(phi_q: np.ndarray, phi_v: np.ndarray, *, ranks: tuple[int, int] = (8
             ax.set_ylabel("")
         _colorbar(fig, im, axes, 0.0, 1.0, 0.2)
         where = f", layer {layer}" if layer is not None else ""
-        fig.suptitle(suptitle or rf"$\phi({factor}_{{r={r1}}}, {factor}_{{r={r2}}}, i, j)${where}", fontsize=10)
+        fig.suptitle(suptitle or rf"$\phi({_sym(factor)}_{{r={r1}}}, {_sym(factor)}_{{r={r2}}}, i, j)${where}", fontsize=10)
     return fig
 
 
@@ -148,7 +152,7 @@ def figure4(phi_q: np.ndarray, phi_v: np.ndarray, phi_random: np.ndarray, *, ran
             ax.set_ylabel("")
         _colorbar(fig, im, list(axes), 0.0, vmax, 0.1)
         where = f", layer {layer}" if layer is not None else ""
-        fig.suptitle(rf"$\phi({factor}_{{r={rank}}}, {factor}'_{{r={rank}}}, i, j)${where}", fontsize=10)
+        fig.suptitle(rf"$\phi({_sym(factor)}_{{r={rank}}}, {_sym(factor)}'_{{r={rank}}}, i, j)${where}", fontsize=10)
     return fig
 
 
@@ -175,7 +179,7 @@ def figure6(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, ranks: tuple[i
                     ax_row[k].set_xlabel("")
             axes += ax_row
         _colorbar(fig, im, axes, 0.0, 1.0, 0.2)
-        fig.suptitle(rf"$\phi({factor}_{{r={r1}}}, {factor}_{{r={r2}}}, i, j)$", fontsize=10)
+        fig.suptitle(rf"$\phi({_sym(factor)}_{{r={r1}}}, {_sym(factor)}_{{r={r2}}}, i, j)$", fontsize=10)
     return fig
 
 
@@ -195,7 +199,7 @@ def figure7(phis: Mapping[int, tuple[np.ndarray, np.ndarray]], *, rank: int = 64
                 if r == 0:
                     axes[r, c].set_xlabel("")
         _colorbar(fig, im, list(axes.ravel()), 0.0, vmax, 0.1)
-        fig.suptitle(rf"$\phi({factor}_{{r={rank}}}, {factor}'_{{r={rank}}}, i, j)$", fontsize=10)
+        fig.suptitle(rf"$\phi({_sym(factor)}_{{r={rank}}}, {_sym(factor)}'_{{r={rank}}}, i, j)$", fontsize=10)
     return fig
 
 
