@@ -1,0 +1,91 @@
+"""``python -m experiments --list`` | ``python -m experiments <recipe> [--dir D] [run.py overrides ...]``.
+
+Runs a recipe end to end: its sweep(s) through ``run.py`` (completed jobs are skipped, interrupted ones
+resume), its analyses through ``python -m analysis``, then writes ``report.md`` and ``report.json`` into
+the sweep directory: our numbers beside the paper's, each claim marked yes/NO. Extra arguments are
+passed to every ``run.py`` call, e.g. ``model=roberta-base`` for a paper-scale model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments.recipes import RECIPES, Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"experiments: command failed with exit code {done.returncode}: {' '.join(cmd)}")
+
+
+def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str]) -> dict:
+    started = time.time()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    for args in recipe.sweeps:
+        _run([sys.executable, "run.py", "-m", *args, *overrides, f"hydra.sweep.dir={sweep_dir}"])
+    for subdir, args in recipe.extra_runs:
+        _run([sys.executable, "run.py", *args, *overrides, f"hydra.run.dir={sweep_dir / subdir}"])
+    if recipe.extra_runs:
+        _run([sys.executable, "-m", "lowrank.results", "aggregate", str(sweep_dir)])
+    for args in recipe.analyses:
+        _run([sys.executable, "-m", "analysis", *args, str(sweep_dir), "--no-progress"])
+    if recipe.collect is not None:
+        recipe.collect(sweep_dir)
+    checks = recipe.checks(sweep_dir)
+    wall = time.time() - started
+    lines = [f"# {recipe.name}: {recipe.artefact}", "",
+             f"Paper setting: {recipe.reference['source']}.", "",
+             f"Claim: {recipe.reference.get('claim') or '; '.join(recipe.reference.get('claims', []))}", "",
+             f"Ours: {sweep_dir} (overrides: {' '.join(overrides) or 'none'}); recipe wall time {wall:.0f} s "
+             f"(budget: {recipe.budget}).", "",
+             "| quantity | ours | paper | claim holds |", "|---|---|---|---|", *[c.line() for c in checks]]
+    judged = [c for c in checks if c.holds is not None]
+    headline = f"{recipe.name}: {sum(c.holds for c in judged)}/{len(judged)} paper claims hold"
+    lines += ["", f"**{headline}**", ""]
+    report = {"recipe": recipe.name, "artefact": recipe.artefact, "sweep_dir": str(sweep_dir), "wall_s": wall,
+              "headline": headline, "overrides": overrides,
+              "checks": [{"what": c.what, "ours": c.ours, "paper": c.paper, "holds": c.holds} for c in checks]}
+    stem = sweep_dir / f"report_{recipe.name}"
+    for path, text in ((stem.with_suffix(".md"), "\n".join(lines)),
+                       (stem.with_suffix(".json"), json.dumps(report, indent=2, default=str))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    print("\n".join(lines))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", help="recipe name (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the recipes")
+    parser.add_argument("--dir", default=None, help="sweep directory (default: outputs/experiments/<sweep>)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.list or not args.recipe:
+        width = max(map(len, RECIPES))
+        for r in RECIPES.values():
+            print(f"{r.name:<{width}}  {r.artefact}  [{r.budget}]")
+        return 0
+    recipe = RECIPES.get(args.recipe)
+    if recipe is None:
+        print(f"python -m experiments: unknown recipe {args.recipe!r}; choose one of: {', '.join(RECIPES)}",
+              file=sys.stderr)
+        return 2
+    sweep_dir = Path(args.dir or ROOT / "outputs" / "experiments" / recipe.sweep).resolve()
+    run_recipe(recipe, sweep_dir, overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
