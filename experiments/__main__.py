@@ -28,14 +28,14 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"experiments: command failed with exit code {done.returncode}: {' '.join(cmd)}")
 
 
-def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str]) -> dict:
+def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: bool = True) -> dict:
     started = time.time()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    for args in recipe.sweeps:
+    for args in recipe.sweeps if train else []:
         _run([sys.executable, "run.py", "-m", *args, *overrides, f"hydra.sweep.dir={sweep_dir}"])
-    for subdir, args in recipe.extra_runs:
+    for subdir, args in recipe.extra_runs if train else []:
         _run([sys.executable, "run.py", *args, *overrides, f"hydra.run.dir={sweep_dir / subdir}"])
-    if recipe.extra_runs:
+    if recipe.extra_runs and train:
         _run([sys.executable, "-m", "lowrank.results", "aggregate", str(sweep_dir)])
     for args in recipe.analyses:
         _run([sys.executable, "-m", "analysis", *args, str(sweep_dir), "--no-progress"])
@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", nargs="?", help="recipe name (see --list)")
     parser.add_argument("--list", action="store_true", help="list the recipes")
     parser.add_argument("--dir", default=None, help="sweep directory (default: outputs/experiments/<sweep>)")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="analyse and report on the runs already in --dir (no training)")
     args, overrides = parser.parse_known_args(argv)
     if args.list or not args.recipe:
         width = max(map(len, RECIPES))
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     sweep_dir = Path(args.dir or ROOT / "outputs" / "experiments" / recipe.sweep).resolve()
-    run_recipe(recipe, sweep_dir, overrides)
+    run_recipe(recipe, sweep_dir, overrides, train=not args.analyse_only)
     return 0
 
 
