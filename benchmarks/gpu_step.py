@@ -567,10 +567,12 @@ def free(device: torch.device) -> None:
 
 def environment(device: torch.device) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "peft", "triton", "liger_kernel"):
+    from importlib import metadata
+
+    for name in ("transformers", "peft", "triton", "liger-kernel"):
         try:
-            env[name] = importlib.import_module(name).__version__
-        except Exception:  # noqa: BLE001
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             env[name] = None
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
@@ -709,7 +711,9 @@ def reference(base, ref_v: Variant, preset, rank, targets, weights, batch, devic
     model, layers, loss_fn = build_variant(base, ref_v, preset, rank, targets, weights)
     model.float()
     # recomputation changes nothing numerically and keeps float32 activations of a 1B model in memory
-    accel.unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = accel.unwrap(model)
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     got = check_step(model, layers, ref_v, loss_fn, batch, preset["family"])
     del model, layers
     return got

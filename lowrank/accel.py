@@ -178,17 +178,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 for bf16/fp16, float64 stays
         valid_all = labels != ignore_index
-        n = valid_all.sum().clamp_min(1).to(torch.float32)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        n = valid_all.sum().clamp_min(1).to(acc)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
             lab = labels[start:start + chunk_rows]
             valid = valid_all[start:start + chunk_rows]
-            logits = F.linear(h, weight, bias).float()
+            logits = F.linear(h, weight, bias).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(valid, lab, torch.zeros_like(lab))
             target_logit = logits.gather(1, safe[:, None]).squeeze(1)
@@ -203,17 +204,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk_rows] = g @ weight.to(hidden.dtype)
                 if need_w:
-                    grad_w += g.t().float() @ h.float()
+                    grad_w += g.t().to(acc) @ h.to(acc)
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         out = []
-        for has, g, like in zip(ctx.has, saved, ("h", "w", "b")):
-            out.append(g * grad_out.to(g.dtype) if has else None)
+        for has, g, dtype in zip(ctx.has, saved, ctx.dtypes):
+            out.append((g * grad_out.to(g.dtype)).to(dtype) if has else None)
         grad_h, grad_w, grad_b = out
         return grad_h, grad_w, grad_b, None, None, None
 

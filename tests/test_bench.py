@@ -1,0 +1,80 @@
+"""benchmarks/gpu_step.py on the CPU with tiny models: the harness runs end to end, every variant
+agrees with the float32 reference, identical adapter weights reach ours and PEFT, and the candidate
+DoRA step (RowScale) has the gradient of z·scale."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from benchmarks import assemble, gpu_step  # noqa: E402
+
+
+def test_variant_parsing():
+    v = gpu_step.Variant.parse("ours:dora:compile+cg")
+    assert (v.impl, v.adapter, v.base) == ("ours", "dora", "compile+cg")
+    assert gpu_step.base_tokens("cg") == {"cg", "compile"}
+    for bad in ("peft:flora:plain", "ours:lora:turbo", "theirs:lora:plain", "ours:lora:plain+compile"):
+        with pytest.raises(ValueError):
+            gpu_step.Variant.parse(bad)
+
+
+def test_harness_end_to_end(tmp_path):
+    out = tmp_path / "tiny.json"
+    partial = tmp_path / "rows.json"
+    rc = gpu_step.main(["--preset", "tiny-llama", "--device", "cpu", "--ranks", "4", "--targets", "qv",
+                        "--steps", "2", "--warmup", "1", "--fast", "fused", "--variants", "peft:lora:plain",
+                        "ours:lora:fused", "peft:dora:plain", "ours+dfn:dora:fused", "ours:flora:fused",
+                        "--out", str(out), "--partial", str(partial)])
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 5 and all(r["status"] == "ok" for r in result["rows"])
+    for r in result["rows"]:
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["trainable_params"] > 0
+        assert r["agreement"]["ok"], r
+        assert r["agreement"]["vs_fp32"]["grad_rel"] < 1e-4  # float32 preset: same function
+    assert any(c["check"].startswith("agreement") and c["ok"] for c in result["checks"])
+    assert rc in (0, 1)  # CPU timings decide the speed checks; the structure is what is tested here
+    assert len(json.loads(partial.read_text())) == 5
+
+
+def test_ours_and_peft_get_identical_weights():
+    preset = gpu_step.PRESETS["tiny-llama"]
+    base, _ = gpu_step.build_base(preset, torch.device("cpu"), torch.float32)
+    for adapter in ("lora", "dora"):
+        ours_v, peft_v = gpu_step.Variant("ours", adapter, "plain"), gpu_step.Variant("peft", adapter, "plain")
+        ours, ours_layers, _ = gpu_step.build_variant(base, ours_v, preset, 4, ["q", "k", "v", "o"], None)
+        weights = gpu_step.canonical_weights(base, peft_v, 4, ours_layers)
+        gpu_step.load_weights(ours_layers, ours_v, weights)
+        peft, peft_layers, _ = gpu_step.build_variant(base, peft_v, preset, 4, ["q", "k", "v", "o"], weights)
+        assert set(weights) == set(ours_layers) == set(peft_layers)
+        ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(ours(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        assert all(w["B"].abs().sum() > 0 for w in weights.values())  # the update is not zero
+
+
+def test_row_scale_gradient():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(4, generator=g, dtype=torch.float64, requires_grad=True)
+    for mode in ("mm", "sum"):
+        assert torch.autograd.gradcheck(lambda z, s: gpu_step.RowScale.apply(z, s, mode), (z, scale))
+
+
+def test_assemble_from_partial_rows(tmp_path):
+    rows = [{"preset": "tiny-llama", "variant": "peft:lora:plain", "impl": "peft", "adapter": "lora",
+             "base": "plain", "rank": 4, "targets": "qv", "status": "ok", "error": None, "step_ms": 10.0,
+             "step_ms_p10": 9.0, "step_ms_p90": 11.0, "tokens_per_s": 100.0, "peak_mem_gib": 1.0,
+             "peak_reserved_gib": 1.2, "mfu": 0.3, "first_step_s": 1.0, "trainable_params": 10,
+             "agreement": {"ok": True, "vs_fp32": {"grad_rel": 0.01, "hidden_rel": 0.01, "loss_abs": 0.0}}}]
+    partial, log, out = tmp_path / "rows.json", tmp_path / "log.txt", tmp_path / "out.json"
+    partial.write_text(json.dumps(rows))
+    log.write_text('{"python": "3.12", "torch": "x"}\nmatmul ceiling (torch.bfloat16): 700.0 TFLOP/s\n'
+                   'tiny-llama: random init, 1.0M params, N(matmul)=0.5M, batch 2x64, torch.float32\n')
+    assemble.main(["--partial", str(partial), "--env-log", str(log), "--preset", "tiny-llama", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["matmul_ceiling_tflops"] == 700.0 and result["rows"][0]["run"] == "main"
+    assert result["checks"][-1]["ok"]
