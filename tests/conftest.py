@@ -78,19 +78,23 @@ def _tokenizer_into(folder: Path, eos: str | None = None) -> None:
         tok.save_pretrained(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT (hidden 32, random weights, seed 0) with MiniLM's tokenizer, as a local folder."""
+def make_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer BERT (hidden 32, random weights, seed 0) with MiniLM's tokenizer, saved in ``folder``."""
     import torch
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(folder)
     _tokenizer_into(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
