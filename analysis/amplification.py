@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.linalg import TopSingular, as_float64, haar_frame, thin_svd
+from analysis.linalg import TopSingular, as_float64, haar_frame, thin_qr, thin_svd
 from analysis.names import parse_module_name
 
 __all__ = [
@@ -79,8 +79,8 @@ def factored_directions(A, B, scaling: float = 1.0, r: int | None = None) -> Dir
             f"LoRA factors must be A (r, in) and B (out, r) with the same r, got A {A.shape}, B {B.shape}; "
             "check that A and B belong to the same module"
         )
-    QB, RB = np.linalg.qr(B)
-    QA, RA = np.linalg.qr(A.T)
+    QB, RB = thin_qr(B)
+    QA, RA = thin_qr(A.T)
     Uc, s, Vch = thin_svd(float(scaling) * (RB @ RA.T))
     d = Directions(QB @ Uc, s, Vch @ QA.T)
     return d.truncate(r) if r is not None else d
@@ -108,14 +108,17 @@ def _row(top: TopSingular, dirs: Directions, r: int, norm_delta: float, rng: np.
             f"ΔW is {dirs.U.shape[0]}×{dirs.Vh.shape[1]} but W is {W.shape[0]}×{W.shape[1]}; "
             "pair each update with the base weight of the same module"
         )
-    delta = projection_norm(W, dirs.U, dirs.Vh)
     rand = random_directions(W.shape, r, rng)
+    # one pass over W for both rows: W @ [V_delta | V_random]
+    WV = W @ np.hstack([dirs.Vh.T, rand.Vh.T])
+    delta = float(np.linalg.norm(dirs.U.T @ WV[:, :r]))
+    random_row = float(np.linalg.norm(rand.U.T @ WV[:, r:]))
     norm_W = top.frobenius
     return {
         "r": int(r),
         "delta": delta,
         "own": top.own_norm(r),
-        "random": projection_norm(W, rand.U, rand.Vh),
+        "random": random_row,
         "random_expected": r * norm_W / np.sqrt(W.shape[0] * W.shape[1]),
         "norm_W": norm_W,
         "norm_delta": norm_delta,

@@ -17,6 +17,7 @@ __all__ = [
     "as_float64",
     "thin_svd",
     "haar_frame",
+    "thin_qr",
     "TopSingular",
     "block_lanczos_svd",
     "LanczosInfo",
@@ -48,16 +49,12 @@ def thin_svd(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def haar_frame(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """An n×k matrix with orthonormal columns, uniformly (Haar) distributed on the Stiefel manifold.
 
-    QR of a Gaussian matrix with the signs of R's diagonal moved into Q (Mezzadri 2007). This is the
+    Q of a Gaussian matrix's QR with R's diagonal positive (Mezzadri 2007). This is the
     distribution of the top-k left (or right) singular vectors of an i.i.d. Gaussian n×n matrix.
     """
     if k > n:
         raise ValueError(f"cannot draw {k} orthonormal vectors in dimension {n}; use k <= {n}")
-    G = rng.standard_normal((n, k))
-    Q, R = np.linalg.qr(G)
-    d = np.sign(np.diag(R))
-    d[d == 0] = 1.0
-    return Q * d
+    return thin_qr(rng.standard_normal((n, k)))[0]
 
 
 @dataclass(frozen=True)
@@ -74,21 +71,27 @@ class LanczosInfo:
     iteration_dtype: str = "float64"
 
 
-def _qr(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Thin QR of a tall block: CholeskyQR2 in float64 (two GEMMs and a b×b Cholesky, much faster than
-    Householder on a tall-skinny block here), Householder when the block is too ill-conditioned."""
+def thin_qr(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Thin QR of a tall block, R with a positive diagonal (so Q is unique), Q in Y's dtype, R float64.
+
+    CholeskyQR2 in float64 (two b×b Choleskys and GEMMs: much faster than Householder on tall-skinny
+    blocks here), accepted only if Q comes out orthonormal to 1e-12; Householder otherwise (a block too
+    ill-conditioned for Cholesky, e.g. rank-deficient LoRA factors)."""
     Y64 = Y.astype(np.float64, copy=False)
-    eye = np.eye(Y.shape[1])
+    b = Y.shape[1]
+    eye = np.eye(b)
     try:
         R1 = sla.cholesky(Y64.T @ Y64, lower=False, check_finite=False)
         Q = Y64 @ sla.solve_triangular(R1, eye, lower=False, check_finite=False)  # b×b inverse, then one GEMM
         R2 = sla.cholesky(Q.T @ Q, lower=False, check_finite=False)
         Q = Q @ sla.solve_triangular(R2, eye, lower=False, check_finite=False)
         R = R2 @ R1
-        if not np.all(np.isfinite(Q)):
-            raise np.linalg.LinAlgError("non-finite")
+        if not (np.all(np.isfinite(Q)) and np.abs(Q.T @ Q - eye).max() < 1e-12):
+            raise np.linalg.LinAlgError("CholeskyQR2 lost orthogonality")
     except np.linalg.LinAlgError:
         Q, R = np.linalg.qr(Y64)
+        sign = np.where(np.diag(R) < 0, -1.0, 1.0)
+        Q, R = Q * sign, sign[:, None] * R
     return Q.astype(Y.dtype, copy=False), R
 
 
@@ -102,6 +105,7 @@ def block_lanczos_svd(
     dtype=np.float32,
     max_dim: int | None = None,
     seed: int = 0,
+    iterate_on: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, LanczosInfo]:
     """Top-k singular triplets of W by block Golub-Kahan-Lanczos bidiagonalisation, polished in float64.
 
@@ -119,6 +123,7 @@ def block_lanczos_svd(
     M = Uᵀ W V is formed in float64 and its SVD rotates them, so s_i = σ_i(UᵀWV) exactly (lower bounds of
     W's singular values, by interlacing) and sqrt(Σ_{i≤r} s_i²) = ||U_rᵀ W V_r||_F to float64 precision.
     Stops unconverged (warning, ``info.converged=False``) when the subspace would pass `max_dim`.
+    `iterate_on`: W already in `dtype` (e.g. the float32 checkpoint tensor), to skip one conversion.
     """
     if criterion not in {"values", "residual"}:
         raise ValueError(f"criterion={criterion!r}; use 'values' (singular values) or 'residual' (vectors too)")
@@ -131,14 +136,14 @@ def block_lanczos_svd(
     b = min(p, block or max(16, k // 4))
     lag = max(1, -(-32 // b))  # compare Ritz values >= 32 dimensions apart, so the test does not shrink with b
     max_dim = min(p, max_dim or p)
-    Wi = W.astype(dtype, copy=False)
+    Wi = iterate_on if iterate_on is not None and iterate_on.dtype == dtype else W.astype(dtype, copy=False)
     rng = np.random.default_rng(seed)
     steps = max_dim // b
     # contiguous bases: one GEMM pair per reorthogonalisation instead of one per block
     Pb = np.empty((n, (steps + 1) * b), dtype=dtype)
     Qb = np.empty((m, steps * b), dtype=dtype)
     M = np.zeros((steps * b, steps * b))  # Qᵀ W P, block upper bidiagonal
-    Pb[:, :b], _ = _qr(rng.standard_normal((n, b)).astype(dtype))
+    Pb[:, :b], _ = thin_qr(rng.standard_normal((n, b)).astype(dtype))
     matmuls = 0
     history: list[np.ndarray] = []
     change = rel = np.inf
@@ -152,14 +157,14 @@ def block_lanczos_svd(
             Y -= Qb[:, lo - b : lo] @ M[lo - b : lo, lo:hi].astype(dtype)
             for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
                 Y -= Qb[:, :lo] @ (Qb[:, :lo].T @ Y)
-        Qb[:, lo:hi], R = _qr(Y)
+        Qb[:, lo:hi], R = thin_qr(Y)
         M[lo:hi, lo:hi] = R
         Z = Wi.T @ Qb[:, lo:hi]
         matmuls += 1
         Z -= Pb[:, lo:hi] @ R.T.astype(dtype)
         for _ in range(2):
             Z -= Pb[:, :hi] @ (Pb[:, :hi].T @ Z)
-        Pb[:, hi : hi + b], S = _qr(Z)
+        Pb[:, hi : hi + b], S = thin_qr(Z)
         t += 1
         dim = hi
         if hi + b <= M.shape[1]:
@@ -195,8 +200,8 @@ def block_lanczos_svd(
     if criterion == "values":
         X, sig, Yh = thin_svd(Md)
     # float64 polish: orthonormalise the top-k Ritz vectors and re-project W on them
-    U0, _ = _qr(Qb[:, :dim].astype(np.float64) @ X[:, :k])
-    V0, _ = _qr(Pb[:, :dim].astype(np.float64) @ Yh[:k].T)
+    U0, _ = thin_qr(Qb[:, :dim].astype(np.float64) @ X[:, :k])
+    V0, _ = thin_qr(Pb[:, :dim].astype(np.float64) @ Yh[:k].T)
     WV = W @ V0
     Xp, s, Yph = thin_svd(U0.T @ WV)
     U, V = U0 @ Xp, V0 @ Yph.T
@@ -236,6 +241,9 @@ class TopSingular:
     ):
         if method not in {"auto", "full", "lanczos"}:
             raise ValueError(f"method={method!r} is not one of 'auto', 'full', 'lanczos'")
+        # the float32 original (a checkpoint tensor) feeds the float32 Krylov iteration without a copy
+        src = W.detach().cpu().numpy() if hasattr(W, "detach") and str(W.dtype) == "torch.float32" else W
+        self._W32 = src if isinstance(src, np.ndarray) and src.dtype == np.float32 else None
         self.W = as_float64(W, name="W")
         if self.W.ndim != 2:
             raise ValueError(f"W must be a 2-D weight matrix, got shape {self.W.shape}")
@@ -287,6 +295,7 @@ class TopSingular:
                     criterion="residual" if vectors else "values",
                     max_dim=self.max_dim,
                     seed=self.seed,
+                    iterate_on=self._W32,
                 )
                 self._vectors_ok = vectors
             self._U, self._s, self._Vh = U, s, Vh
