@@ -712,8 +712,10 @@ def reference(base, ref_v: Variant, preset, rank, targets, weights, batch, devic
     model.float()
     # recomputation changes nothing numerically and keeps float32 activations of a 1B model in memory
     lm = accel.unwrap(model)
-    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     got = check_step(model, layers, ref_v, loss_fn, batch, preset["family"])
     del model, layers
     return got
