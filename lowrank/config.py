@@ -116,6 +116,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     max_seq_len: int = 64
+    group_by_length: bool = True
     eval_every: int = 100
     eval_batch_size: int = 128
     max_eval_samples: Optional[int] = None

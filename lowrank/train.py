@@ -104,12 +104,33 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def batch_order(n: int, micro_batch: int, seed: int, start: int = 0):
-    """Yield index lists of ``micro_batch`` examples, epoch after epoch, from micro-batch number ``start``.
+GROUP_WINDOW = 50  # batches per length-sorted window (transformers' LengthGroupedSampler uses 50 too)
 
-    Epoch e is a permutation drawn from a generator seeded with (seed, e); the last partial batch of an
-    epoch is dropped, so every epoch has ``n // micro_batch`` batches and batch k of the run is known
-    without replaying the earlier ones.
+
+def epoch_batches(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), cut into ``n // micro_batch``
+    batches (the remainder is dropped).
+
+    With ``lengths`` (group by length, as transformers' ``group_by_length``): each window of
+    ``GROUP_WINDOW`` batches is sorted by length before it is cut, so a batch holds sentences of similar
+    length and pads little, and the batches are then shuffled (same generator). Same examples per epoch.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()[:(n // micro_batch) * micro_batch]
+    if lengths is not None:
+        window = micro_batch * GROUP_WINDOW
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lambda i: lengths[i])]
+    batches = [order[b:b + micro_batch] for b in range(0, len(order), micro_batch)]
+    if lengths is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def batch_order(n: int, micro_batch: int, seed: int, start: int = 0, lengths: list[int] | None = None):
+    """Yield micro-batches (index lists), epoch after epoch, from micro-batch number ``start``.
+
+    Every epoch has ``n // micro_batch`` batches and depends only on (seed, epoch), so micro-batch k of a
+    run is known without replaying the earlier ones: that is how a resumed run sees the same data.
     """
     per_epoch = n // micro_batch
     if per_epoch == 0:
@@ -117,10 +138,7 @@ def batch_order(n: int, micro_batch: int, seed: int, start: int = 0):
                          f"lower trainer.batch_size")
     epoch, offset = divmod(start, per_epoch)
     while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        for b in range(offset, per_epoch):
-            yield order[b * micro_batch:(b + 1) * micro_batch]
+        yield from epoch_batches(n, micro_batch, seed, epoch, lengths)[offset:]
         epoch, offset = epoch + 1, 0
 
 
@@ -333,7 +351,8 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         save_weights(model, list(weight_names), ckpt_dir, 0)
 
     started = time.time()
-    batches = batch_order(len(data.train), micro, seed, start=state["step"] * cfg.grad_accum)
+    lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
+    batches = batch_order(len(data.train), micro, seed, start=state["step"] * cfg.grad_accum, lengths=lengths)
     generations: list = []
     model.train()
     bar = _progress(cfg, total, state["step"])

@@ -248,6 +248,22 @@ def test_batch_order_resumes_mid_epoch_and_reshuffles_per_epoch():
     assert [next(train.batch_order(n, b, seed=8)) for _ in range(1)] != first[:1]
 
 
+def test_length_grouping_keeps_each_epochs_examples_and_pads_less():
+    import random
+
+    lengths = [random.Random(i).randint(1, 60) for i in range(1000)]
+    plain = train.epoch_batches(1000, 8, seed=3, epoch=0)
+    grouped = train.epoch_batches(1000, 8, seed=3, epoch=0, lengths=lengths)
+    assert sorted(sum(grouped, [])) == sorted(sum(plain, [])) and len(grouped) == len(plain) == 125
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded(grouped) < 0.6 * padded(plain)
+    assert grouped != sorted(grouped, key=lambda b: lengths[b[0]]), "batch order is shuffled, not sorted"
+    stream = train.batch_order(1000, 8, seed=3, start=130, lengths=lengths)
+    assert next(stream) == train.epoch_batches(1000, 8, seed=3, epoch=1, lengths=lengths)[5]
+
+
 def test_linear_schedule():
     f = train.linear_schedule(warmup=4, total=12)
     assert [f(s) for s in (0, 2, 4, 8, 12, 13)] == [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
