@@ -107,44 +107,44 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 GROUP_WINDOW = 50  # batches per length-sorted window (transformers' LengthGroupedSampler uses 50 too)
 
 
-def epoch_batches(n: int, micro_batch: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
-    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), cut into ``n // micro_batch``
-    batches (the remainder is dropped).
+def epoch_batches(n: int, batch: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), cut into ``n // batch`` batches (the
+    remainder is dropped).
 
     With ``lengths`` (group by length, as transformers' ``group_by_length``): each window of
     ``GROUP_WINDOW`` batches is sorted by length before it is cut, so a batch holds sentences of similar
     length and pads little, and the batches are then shuffled (same generator). Same examples per epoch.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()[:(n // micro_batch) * micro_batch]
+    order = torch.randperm(n, generator=g).tolist()[:(n // batch) * batch]
     if lengths is not None:
-        window = micro_batch * GROUP_WINDOW
+        window = batch * GROUP_WINDOW
         order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lambda i: lengths[i])]
-    batches = [order[b:b + micro_batch] for b in range(0, len(order), micro_batch)]
+    batches = [order[b:b + batch] for b in range(0, len(order), batch)]
     if lengths is not None:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     return batches
 
 
-def batch_order(n: int, micro_batch: int, seed: int, start: int = 0, lengths: list[int] | None = None):
-    """Yield micro-batches (index lists), epoch after epoch, from micro-batch number ``start``.
+def batch_order(n: int, batch: int, seed: int, start: int = 0, lengths: list[int] | None = None):
+    """Yield batches (index lists, one per optimizer step), epoch after epoch, from batch number ``start``.
 
-    Every epoch has ``n // micro_batch`` batches and depends only on (seed, epoch), so micro-batch k of a
-    run is known without replaying the earlier ones: that is how a resumed run sees the same data.
+    Every epoch has ``n // batch`` batches and depends only on (seed, epoch), so batch k of a run is known
+    without replaying the earlier ones: that is how a resumed run sees the same data. Gradient accumulation
+    splits each batch into micro-batches and does not change the order.
     """
-    per_epoch = n // micro_batch
+    per_epoch = n // batch
     if per_epoch == 0:
-        raise ValueError(f"the training set has {n} examples, fewer than one micro-batch of {micro_batch}; "
+        raise ValueError(f"the training set has {n} examples, fewer than one batch of {batch}; "
                          f"lower trainer.batch_size")
     epoch, offset = divmod(start, per_epoch)
     while True:
-        yield from epoch_batches(n, micro_batch, seed, epoch, lengths)[offset:]
+        yield from epoch_batches(n, batch, seed, epoch, lengths)[offset:]
         epoch, offset = epoch + 1, 0
 
 
 def total_steps(cfg, n_train: int) -> int:
-    micro = cfg.batch_size // cfg.grad_accum
-    return cfg.max_steps or cfg.epochs * ((n_train // micro) // cfg.grad_accum)
+    return cfg.max_steps or cfg.epochs * (n_train // cfg.batch_size)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -352,14 +352,16 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
 
     started = time.time()
     lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
-    batches = batch_order(len(data.train), micro, seed, start=state["step"] * cfg.grad_accum, lengths=lengths)
+    batches = batch_order(len(data.train), cfg.batch_size, seed, start=state["step"], lengths=lengths)
     generations: list = []
     model.train()
     bar = _progress(cfg, total, state["step"])
     while state["step"] < total:
         step = state["step"] + 1
-        for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(data.train[next(batches)], data.pad_id, data.kind).items()}
+        indices = next(batches)
+        for m in range(0, len(indices), micro):  # grad_accum micro-batches
+            batch = {k: v.to(device) for k, v in collate(data.train[indices[m:m + micro]], data.pad_id,
+                                                          data.kind).items()}
             with autocast(device, cfg.precision):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing)
