@@ -50,11 +50,30 @@ def adapt_kwargs(cfg: DictConfig) -> dict:
             "layers": None if cfg.layers is None else [int(i) for i in cfg.layers], **options}
 
 
-def fingerprint(cfg: DictConfig) -> str:
-    """A hash of everything that determines a run's numbers (not where it is stored or logged)."""
-    identity = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k not in NOT_IDENTITY}
-    identity["trainer"] = {k: v for k, v in identity["trainer"].items() if k not in ("progress",)}
-    return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def identity(config: DictConfig | dict) -> dict:
+    """The part of a (resolved) config that determines a run's numbers: not where it is stored or logged."""
+    ident = {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    if isinstance(config, DictConfig):
+        ident = OmegaConf.to_container(OmegaConf.create(ident), resolve=True)
+    ident["trainer"] = {k: v for k, v in ident.get("trainer", {}).items() if k != "progress"}
+    return ident
+
+
+def fingerprint(cfg: DictConfig | dict) -> str:
+    """A short hash of ``identity(cfg)``."""
+    return hashlib.sha1(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (for messages)."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def check_targets(cfg: DictConfig, model_config) -> None:
@@ -130,18 +149,24 @@ def run(cfg: DictConfig) -> dict:
     cfg = validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     fp = fingerprint(cfg)
+    ident = identity(cfg)
     previous = read_result(run_dir)
     if previous is not None and previous.get("status") == "completed":
-        if previous.get("fingerprint") != fp:
-            raise ConfigError(f"run dir {run_dir} holds a completed run of another configuration; fix: choose "
-                              f"another hydra.run.dir / hydra.sweep.dir")
-        log.info("%s: already completed, skipped", run_dir)
+        if previous.get("fingerprint") == fp:
+            log.info("%s: already completed, skipped", run_dir)
+        else:  # same job folder, but the config changed since (edited defaults, a newer lowrank)
+            changed = ", ".join(config_diff(identity(previous.get("config", {})), ident)[:5])
+            log.warning("%s: completed earlier with another config (%s differ); skipped: delete the folder to "
+                        "run it again", run_dir, changed or "?")
         return previous
-
     ckpt = train.latest_checkpoint(run_dir / train.CHECKPOINTS)
-    if ckpt is not None and json.loads((ckpt / "state.json").read_text()).get("fingerprint") != fp:
-        raise ConfigError(f"run dir {run_dir} holds a checkpoint of another configuration; fix: choose another "
-                          f"hydra.run.dir / hydra.sweep.dir, or delete {ckpt.parent}")
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state.get("fingerprint") != fp:
+            changed = ", ".join(config_diff(state.get("identity", {}), ident)[:5]) or "unknown keys"
+            raise ConfigError(f"run dir {run_dir} holds a checkpoint of another config ({changed} differ), which "
+                              f"cannot be resumed; fix: delete {ckpt.parent} or choose another hydra.run.dir / "
+                              f"hydra.sweep.dir")
 
     started = time.time()
     job = hydra_job()
@@ -167,7 +192,7 @@ def run(cfg: DictConfig) -> dict:
               "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")}
     try:
         fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=tracker,
-                        weight_names=weight_modules(model, cfg), fingerprint=fp)
+                        weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident)
         scaling = {name: layer.scaling for name, layer in lowrank.adapted_modules(model).items()
                    if hasattr(layer, "scaling")}
         lowrank.save_adapter(model, run_dir / "adapter", extra={"scaling": scaling})

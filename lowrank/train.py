@@ -313,13 +313,14 @@ def _better(value: float, best: float | None) -> bool:
 # ---- the loop -----------------------------------------------------------------------------------------
 
 def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int, tracker,
-        weight_names: list[str] = (), fingerprint: str = "") -> FitResult:
+        weight_names: list[str] = (), fingerprint: str = "", identity: dict | None = None) -> FitResult:
     """Train ``model`` on ``data.train`` with trainer config ``cfg``; evaluate, checkpoint, resume.
 
     ``tracker.log(metrics, step)`` receives every logged dict; on resume ``tracker.rewind(step)`` first drops
     what the interrupted process logged after its last checkpoint. ``weight_names`` are the modules whose
     weights form the trajectory. The best evaluation is the one with the highest ``eval/<task.metric>``.
-    ``fingerprint`` identifies the configuration; a checkpoint with another one is not resumed from.
+    ``fingerprint`` identifies the configuration (``identity``, stored beside it, says what it was); a
+    checkpoint with another fingerprint is not resumed from.
     """
     device = pick_device(cfg.device)
     model.to(device)
@@ -336,7 +337,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     key = f"eval/{task.metric}"
 
     state = {"step": 0, "final": None, "best": None, "wall_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0,
-             "fingerprint": fingerprint}
+             "fingerprint": fingerprint, "identity": identity or {}}
     resumed_from = None
     ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:

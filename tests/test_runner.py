@@ -99,6 +99,26 @@ def test_weight_trajectory_matches_base_and_adapter(smoke_run, tiny_bert):
         torch.testing.assert_close(step6[m].double() - w0, delta, atol=1e-6, rtol=0)
 
 
+def test_reusing_a_run_dir_with_another_config(smoke_run, tiny_bert, tiny_data, tmp_path):
+    import shutil
+
+    done = tmp_path / "done"
+    shutil.copytree(smoke_run, done)
+    before = (done / "result.json").read_text()
+    proc = run_cli(*tiny_args(tiny_bert, f"hydra.run.dir={done}", "trainer.save_weights_at=[0,3,6]"), data_dir=tiny_data)
+    assert proc.returncode == 0 and "already completed, skipped" in proc.stdout
+    changed = tiny_args(tiny_bert, f"hydra.run.dir={done}", "trainer.save_weights_at=[0,3,6]", "rank=4")
+    proc = run_cli(*changed, data_dir=tiny_data)
+    assert proc.returncode == 0 and "completed earlier with another config (rank differ)" in proc.stdout
+    assert (done / "result.json").read_text() == before, "a completed run is never overwritten"
+
+    (done / "result.json").unlink()  # an interrupted run: only its checkpoint is left
+    proc = run_cli(*changed, data_dir=tiny_data)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: run dir") and "(rank differ)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (done / "result.json").exists()
+
+
 # ---- sweeps, aggregate, skip and resume ------------------------------------------------------------------
 
 def test_sweep_writes_run_dirs_and_aggregate(tiny_bert, tiny_data, tmp_path):
