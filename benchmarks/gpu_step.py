@@ -534,6 +534,46 @@ def time_steps(model, loss_fn, batch, device, warmup: int, steps: int) -> dict:
             "peak_mem_gib": peak, "peak_reserved_gib": reserved, "first_step_s": first, "trainable_params": sum(p.numel() for p in params)}
 
 
+def time_interleaved(entries, batch, device, warmup: int, steps: int) -> list[dict]:
+    """Time several variants step by step in rotation (A B C, B C A, ...), so that a shared, busy
+    machine slows them alike: host-timed, for the CPU presets."""
+    opts, step_fns = [], []
+    for model, loss_fn in entries:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        opts.append((opt, sum(p.numel() for p in params)))
+
+        def step(model=model, loss_fn=loss_fn, opt=opt):
+            loss_fn(model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step_fns.append(step)
+    first = []
+    for step in step_fns:
+        t = time.perf_counter()
+        step()
+        first.append(time.perf_counter() - t)
+    for _ in range(max(0, warmup - 1)):
+        for step in step_fns:
+            step()
+    times = [[] for _ in step_fns]
+    n = len(step_fns)
+    for i in range(steps):
+        for j in range(n):
+            k = (i + j) % n
+            t = time.perf_counter()
+            step_fns[k]()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    out = []
+    for ts, f, (_, count) in zip(times, first, opts):
+        ts.sort()
+        q = lambda x, ts=ts: ts[min(len(ts) - 1, int(x * (len(ts) - 1) + 0.5))]  # noqa: E731
+        out.append({"step_ms": statistics.median(ts), "step_ms_p10": q(0.1), "step_ms_p90": q(0.9),
+                    "peak_mem_gib": None, "peak_reserved_gib": None, "first_step_s": f, "trainable_params": count})
+    return out
+
+
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 30) -> float:
     """Measured dense matmul rate (FLOP/s) on random data, median of ``reps`` products."""
     if device.type != "cuda":
@@ -604,6 +644,8 @@ def run(args) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"preset {args.preset} wants a GPU; pass --device cpu for a smoke run")
     dtype = getattr(torch, args.dtype or preset["dtype"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     variants = [Variant.parse(s) for s in (args.variants or default_variants(preset, args.fast))]
     target_sets = [list(t) for t in args.targets]
@@ -644,9 +686,11 @@ def run(args) -> dict:
                         print(f"  reference failed: {exc!r}", flush=True)
                         traceback.print_exc()
                     free(device)
+                pending = []  # --interleave: (row, model, loss_fn) timed together after the checks
                 for v in vs:
                     row = Row(args.preset, v.name, v.impl, v.adapter, v.base, rank, "".join(targets))
                     model = None
+                    kept = False
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()  # the variant's whole life: CUDA-graph pools included
                     try:
@@ -666,6 +710,10 @@ def run(args) -> dict:
                                 peft_ref = compare(peft_bf16, ref)
                             row.agreement["ok"] = agreement_verdict(row.agreement["vs_fp32"], peft_ref, dtype)
                             del got
+                        if args.interleave:
+                            pending.append((row, model, loss_fn))
+                            kept = True
+                            continue
                         t = time_steps(model, loss_fn, batch, device, args.warmup, args.steps)
                         for k, val in t.items():
                             setattr(row, k, val)
@@ -680,16 +728,28 @@ def run(args) -> dict:
                         row.status, row.error = "error", f"{type(exc).__name__}: {exc}"[:500]
                         traceback.print_exc()
                     finally:
-                        del model
-                        if "compile" in base_tokens(v.base):
-                            torch._dynamo.reset()
-                        free(device)
+                        if not kept:
+                            del model
+                            if "compile" in base_tokens(v.base):
+                                torch._dynamo.reset()
+                            free(device)
+                    if kept:
+                        continue
                     rows.append(row)
                     print(format_row(row), flush=True)
                     if args.partial:
                         Path(args.partial).write_text(json.dumps([asdict(r) for r in rows], indent=1, default=str))
                     if args.profile and v.name in args.profile:
                         profile(base, v, preset, rank, targets, weights, batch, device, args)
+                if pending:
+                    timed = time_interleaved([(m, f) for _, m, f in pending], batch, device, args.warmup, args.steps)
+                    for (row, _, _), t in zip(pending, timed):
+                        for k, val in t.items():
+                            setattr(row, k, val)
+                        row.tokens_per_s = tokens / (row.step_ms / 1e3)
+                        rows.append(row)
+                        print(format_row(row), flush=True)
+                    pending.clear()
                 del ref, peft_bf16
                 free(device)
 
@@ -893,6 +953,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-check", action="store_true", help="skip the agreement checks")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time a setting's variants in rotation, step by step (for a shared CPU)")
     p.add_argument("--profile", nargs="*", default=None, help="variants to profile (torch.profiler)")
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--out", default=None, help="write the JSON here (and to $OUT if set)")

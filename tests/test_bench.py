@@ -26,7 +26,7 @@ def test_variant_parsing():
 def test_harness_end_to_end(tmp_path):
     out = tmp_path / "tiny.json"
     partial = tmp_path / "rows.json"
-    rc = gpu_step.main(["--preset", "tiny-llama", "--device", "cpu", "--ranks", "4", "--targets", "qv",
+    rc = gpu_step.main(["--preset", "tiny-llama", "--device", "cpu", "--threads", "1", "--ranks", "4", "--targets", "qv",
                         "--steps", "2", "--warmup", "1", "--fast", "fused", "--variants", "peft:lora:plain",
                         "ours:lora:fused", "peft:dora:plain", "ours+dfn:dora:fused", "ours:flora:fused",
                         "--out", str(out), "--partial", str(partial)])
@@ -78,3 +78,14 @@ def test_assemble_from_partial_rows(tmp_path):
     result = json.loads(out.read_text())
     assert result["matmul_ceiling_tflops"] == 700.0 and result["rows"][0]["run"] == "main"
     assert result["checks"][-1]["ok"]
+
+
+def test_interleaved_cpu_timing(tmp_path):
+    out = tmp_path / "bert.json"
+    gpu_step.main(["--preset", "tiny-bert", "--ranks", "2", "--targets", "qkvo", "--steps", "2", "--warmup", "1",
+                   "--threads", "1", "--interleave", "--variants", "peft:lora:plain", "ours:lora:plain",
+                   "peft:dora:plain", "ours:dora:plain", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["peft:lora:plain", "ours:lora:plain", "peft:dora:plain",
+                                            "ours:dora:plain"]
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["agreement"]["ok"] for r in rows)
