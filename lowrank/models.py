@@ -13,6 +13,7 @@ pad token pad with their end-of-sequence token.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def _quiet() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # transformers' GGUF loader draws its own tqdm bar with no switch: keep it to terminals (disable=None)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    gguf_utils.tqdm = functools.partial(tqdm, disable=None)
 
 
 def source(model_cfg) -> tuple[str, dict]:
