@@ -961,7 +961,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the JSON here (and to $OUT if set)")
     p.add_argument("--partial", default=None, help="rewrite the rows so far to this file after each variant")
     args = p.parse_args(argv)
-    result = run(args)
+    threads = torch.get_num_threads()
+    try:
+        result = run(args)
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this run only (tests call main in-process)
     text = table(result)
     print("\n" + text)
     payload = json.dumps(result, indent=1, default=str)
