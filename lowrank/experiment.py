@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict:
 
     import lowrank
     from lowrank import data as task_data
-    from lowrank import models, train
+    from lowrank import distributed, models, train
     from lowrank.tracking import Tracker
 
     _quiet_libraries()
@@ -182,6 +182,9 @@ def run(cfg: DictConfig) -> dict:
     data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
                           max_eval_samples=cfg.trainer.max_eval_samples)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
+    if not world.is_main:
+        return _follow(model, data, cfg, run_dir, fp, ident, world)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(cfg.logger, run_dir, config=resolved, name=job["name"], group=cfg.name)
 
@@ -192,7 +195,8 @@ def run(cfg: DictConfig) -> dict:
               "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")}
     try:
         fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=tracker,
-                        weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident)
+                        weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident, world=world,
+                        job_num=job["num"])
         scaling = {name: layer.scaling for name, layer in lowrank.adapted_modules(model).items()
                    if hasattr(layer, "scaling")}
         lowrank.save_adapter(model, run_dir / "adapter", extra={"scaling": scaling})
@@ -216,6 +220,22 @@ def run(cfg: DictConfig) -> dict:
     status = result["status"] if result["status"] == "completed" else f"FAILED ({result['error']})"
     log.info("%s: %s  %s", run_dir, status, _summary_line(result))
     return result
+
+
+class _SilentTracker:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, *args, **kwargs) -> None: ...
+    def rewind(self, *args, **kwargs) -> None: ...
+
+
+def _follow(model, data, cfg, run_dir: Path, fp: str, ident: dict, world) -> dict:
+    """A rank > 0 of a torchrun launch: train its shards in step with rank 0, write nothing."""
+    from lowrank import train
+
+    fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=_SilentTracker(),
+                    weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident, world=world)
+    return {"status": "completed", "rank": world.rank, "steps": fit.steps}
 
 
 def weight_modules(model, cfg) -> list[str]:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lowrank import distributed
 from lowrank.data import IGNORE, TaskData, collate, left_pad
 from lowrank.metrics import accuracy, corpus_bleu, matthews_corrcoef
 
@@ -73,12 +74,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, precision: str):
@@ -313,19 +308,21 @@ def _better(value: float, best: float | None) -> bool:
 # ---- the loop -----------------------------------------------------------------------------------------
 
 def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int, tracker,
-        weight_names: list[str] = (), fingerprint: str = "", identity: dict | None = None) -> FitResult:
+        weight_names: list[str] = (), fingerprint: str = "", identity: dict | None = None,
+        world: distributed.World = distributed.World(), job_num: int = 0) -> FitResult:
     """Train ``model`` on ``data.train`` with trainer config ``cfg``; evaluate, checkpoint, resume.
 
     ``tracker.log(metrics, step)`` receives every logged dict; on resume ``tracker.rewind(step)`` first drops
     what the interrupted process logged after its last checkpoint. ``weight_names`` are the modules whose
     weights form the trajectory. The best evaluation is the one with the highest ``eval/<task.metric>``.
     ``fingerprint`` identifies the configuration (``identity``, stored beside it, says what it was); a
-    checkpoint with another fingerprint is not resumed from.
+    checkpoint with another fingerprint is not resumed from. Under ``torchrun`` (``world``), each process
+    trains on its shard of every batch through DDP and only rank 0 evaluates and writes files.
     """
-    device = pick_device(cfg.device)
+    device = world.device(cfg.device, job_num)
     model.to(device)
     ckpt_dir = out_dir / CHECKPOINTS
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
     total = total_steps(cfg, len(data.train))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -348,8 +345,9 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         resumed_from = state["step"]
         tracker.rewind(resumed_from)
         log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total)
-    elif 0 in weight_steps:
+    elif 0 in weight_steps and world.is_main:
         save_weights(model, list(weight_names), ckpt_dir, 0)
+    net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
 
     started = time.time()
     lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
@@ -359,16 +357,17 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     bar = _progress(cfg, total, state["step"])
     while state["step"] < total:
         step = state["step"] + 1
-        indices = next(batches)
+        indices = world.shard(next(batches))
         for m in range(0, len(indices), micro):  # grad_accum micro-batches
             batch = {k: v.to(device) for k, v in collate(data.train[indices[m:m + micro]], data.pad_id,
                                                           data.kind).items()}
-            with autocast(device, cfg.precision):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingFailed(f"loss is {loss.item()} at step {step}", step)
-            (loss / cfg.grad_accum).backward()
+            with world.no_sync(net, last_micro_batch=m + micro >= len(indices)):
+                with autocast(device, cfg.precision):
+                    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise TrainingFailed(f"loss is {loss.item()} at step {step}", step)
+                (loss / cfg.grad_accum).backward()
             state["loss_sum"] += loss.item() / cfg.grad_accum
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -380,12 +379,12 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == total:
-            mean = state["loss_sum"] / state["loss_count"]
+            mean = world.mean(state["loss_sum"] / state["loss_count"])
             tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/epoch":
                          step * cfg.batch_size / len(data.train)}, step)
             bar.set_postfix(loss=f"{mean:.4f}")
             state["loss_sum"], state["loss_count"] = 0.0, 0
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+        if ((cfg.eval_every and step % cfg.eval_every == 0) or step == total) and world.is_main:
             metrics, generations = evaluate(model, data, task, cfg, device)
             model.train()
             metrics = {**metrics, "step": step}
@@ -397,12 +396,14 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
                 state["best"] = metrics
             if generations:
                 _write_generations(out_dir, step, generations)
-        if step in weight_steps:
+        if step in weight_steps and world.is_main:
             save_weights(model, list(weight_names), ckpt_dir, step)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
             state["wall_time_s"] += time.time() - started
             started = time.time()
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+            if world.is_main:
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
+            world.barrier()  # no rank runs ahead of the checkpoint it would resume from
     bar.close()
     state["wall_time_s"] += time.time() - started
     return FitResult(steps=total, final=state["final"], best=state["best"], resumed_from=resumed_from,
