@@ -249,12 +249,10 @@ def table7_plot(per_layer, *, matrices: Sequence[str] = ("q", "v")):
                 top.plot(g.index, g["random_expected"], color=col, ls="-", lw=0.6, alpha=0.5,
                          label=rf"$r\|W\|_F/d$, r={r}")
                 bot.plot(g.index, g["factor"], color=col, marker="o", ms=3.5, label=f"r={r}")
-            from matplotlib.ticker import LogFormatter
-
             for ax in (top, bot):
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-                ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+                ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+                ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             top.set_title(rf"$W_{m}$: $\|U^\top W V^\top\|_F$")
             bot.set_title(rf"$W_{m}$: amplification $\|\Delta W\|_F / \|U^\top W V^\top\|_F$")
             bot.set_xlabel("layer")
@@ -265,6 +263,22 @@ def table7_plot(per_layer, *, matrices: Sequence[str] = ("q", "v")):
         axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
         axes[1, -1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
     return fig
+
+
+def _plain_log_formatter():
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        """Log-axis labels as plain numbers (0.3, 2, 20) where matplotlib would label a tick at all."""
+
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLog
+
+
+def _PlainLog(**kw):
+    return _plain_log_formatter()(**kw)
 
 
 _STEP_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
