@@ -70,16 +70,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"for PEFT adapters use lowrank.load_peft")
     adapt(model, config["adapter"], targets=config["targets"], rank=config["rank"], alpha=config["alpha"],
           layers=config["layers"], train_modules=config["train_modules"], **config["options"])
-    _load_into(model, tensors, str(path))
+    load_into(model, tensors, str(path))
     return model
 
 
-def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
+              fix: str = "load it into the base model it was trained on") -> None:
+    """Copy saved tensors into the model's parameters of the same names (shapes checked)."""
     params = dict(model.named_parameters())
     missing = sorted(set(tensors) - set(params))
     if missing:
-        raise ValueError(f"{source!r} has tensors the adapted model lacks, e.g. {missing[:3]}; "
-                         f"load it into the base model it was trained on")
+        raise ValueError(f"{source!r} has tensors the adapted model lacks, e.g. {missing[:3]}; {fix}")
     with torch.no_grad():
         for name, value in tensors.items():
             if params[name].shape != value.shape:
@@ -180,5 +181,5 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             tensors[f"{module}.lora_B"] = value.reshape(layer.lora_B.shape)
         else:
             tensors[f"{module}.magnitude"] = value
-    _load_into(model, tensors, str(path))
+    load_into(model, tensors, str(path))
     return model

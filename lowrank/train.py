@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank import distributed
+from lowrank.io import load_into
 from lowrank.data import IGNORE, TaskData, collate, left_pad
 from lowrank.metrics import accuracy, corpus_bleu, matthews_corrcoef
 
@@ -261,14 +262,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> P
 def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
     """Restore a ``save_checkpoint`` folder into model/optimizer/scheduler and the RNGs; return the state."""
     tensors = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    if unknown:
-        raise ValueError(f"checkpoint {path} holds tensors the model lacks (e.g. {unknown[0]}); it belongs to "
-                         f"another configuration: delete it or use another run dir")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
+    load_into(model, tensors, f"checkpoint {path}", fix="it belongs to another configuration: delete it or "
+                                                         "use another run dir")
     blob = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
