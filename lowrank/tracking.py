@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -67,6 +68,8 @@ class Tracker:
 
     # ---- W&B -----------------------------------------------------------------------------------------
     def _start_wandb(self, config: dict, name: str, group: str) -> None:
+        # quiet unless asked otherwise: wandb's own terminal lines follow WANDB_SILENT, read at its set-up
+        os.environ.setdefault("WANDB_SILENT", "true")
         try:
             import wandb
 
