@@ -575,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     fn = ANALYSES[args.analysis][0]
     try:
         return fn(args)
+    except BrokenPipeError:  # output piped into `head`: the files are written, stop quietly
+        sys.stderr.close()
+        return 0
     except (UsageError, ValueError, KeyError, LookupError, FileNotFoundError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"python -m analysis {args.analysis}: error: {msg}", file=sys.stderr)
