@@ -102,15 +102,15 @@ def _as_top(W) -> TopSingular:
 
 
 def _row(top: TopSingular, dirs: Directions, r: int, norm_delta: float, rng: np.random.Generator) -> dict:
-    W = top.W
-    if dirs.U.shape[0] != W.shape[0] or dirs.Vh.shape[1] != W.shape[1]:
+    out_f, in_f = top.shape
+    if dirs.U.shape[0] != out_f or dirs.Vh.shape[1] != in_f:
         raise ValueError(
-            f"ΔW is {dirs.U.shape[0]}×{dirs.Vh.shape[1]} but W is {W.shape[0]}×{W.shape[1]}; "
+            f"ΔW is {dirs.U.shape[0]}×{dirs.Vh.shape[1]} but W is {out_f}×{in_f}; "
             "pair each update with the base weight of the same module"
         )
-    rand = random_directions(W.shape, r, rng)
-    # one pass over W for both rows: W @ [V_delta | V_random]
-    WV = W @ np.hstack([dirs.Vh.T, rand.Vh.T])
+    rand = random_directions(top.shape, r, rng)
+    # one pass over W for both rows: W @ [V_delta | V_random], in float64
+    WV = top.matmul(np.hstack([dirs.Vh.T, rand.Vh.T]))
     delta = float(np.linalg.norm(dirs.U.T @ WV[:, :r]))
     random_row = float(np.linalg.norm(rand.U.T @ WV[:, r:]))
     norm_W = top.frobenius
@@ -119,7 +119,7 @@ def _row(top: TopSingular, dirs: Directions, r: int, norm_delta: float, rng: np.
         "delta": delta,
         "own": top.own_norm(r),
         "random": random_row,
-        "random_expected": r * norm_W / np.sqrt(W.shape[0] * W.shape[1]),
+        "random_expected": float(r * norm_W / np.sqrt(out_f * in_f)),
         "norm_W": norm_W,
         "norm_delta": norm_delta,
         "norm_delta_r": float(np.sqrt(np.sum(dirs.s**2))),

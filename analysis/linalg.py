@@ -16,6 +16,7 @@ import scipy.linalg as sla
 __all__ = [
     "as_float64",
     "thin_svd",
+    "matmul64",
     "haar_frame",
     "thin_qr",
     "TopSingular",
@@ -36,6 +37,20 @@ def as_float64(x, *, name: str = "array") -> np.ndarray:
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name} has {bad} non-finite entries; check the run's weights (NaN/inf after training?)")
     return np.ascontiguousarray(arr)
+
+
+def matmul64(W: np.ndarray, X: np.ndarray, *, rows: int = 128) -> np.ndarray:
+    """W @ X in float64 for a float32 (or float64) W, converting W a few rows at a time.
+
+    The exact float64 product (float32 values are exact in float64), without a float64 copy of W: each
+    pass streams the 4-byte original once instead of writing and re-reading an 8-byte copy."""
+    X = np.asarray(X, dtype=np.float64)
+    if W.dtype == np.float64:
+        return W @ X
+    out = np.empty((W.shape[0], X.shape[1]))
+    for i in range(0, W.shape[0], rows):
+        out[i : i + rows] = W[i : i + rows].astype(np.float64) @ X
+    return out
 
 
 def thin_svd(M: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,7 +120,6 @@ def block_lanczos_svd(
     dtype=np.float32,
     max_dim: int | None = None,
     seed: int = 0,
-    iterate_on: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, LanczosInfo]:
     """Top-k singular triplets of W by block Golub-Kahan-Lanczos bidiagonalisation, polished in float64.
 
@@ -123,7 +137,8 @@ def block_lanczos_svd(
     M = Uᵀ W V is formed in float64 and its SVD rotates them, so s_i = σ_i(UᵀWV) exactly (lower bounds of
     W's singular values, by interlacing) and sqrt(Σ_{i≤r} s_i²) = ||U_rᵀ W V_r||_F to float64 precision.
     Stops unconverged (warning, ``info.converged=False``) when the subspace would pass `max_dim`.
-    `iterate_on`: W already in `dtype` (e.g. the float32 checkpoint tensor), to skip one conversion.
+    W may be float32 (a checkpoint tensor): the iteration then uses it as is and the polish multiplies in
+    float64 a few rows at a time (`matmul64`).
     """
     if criterion not in {"values", "residual"}:
         raise ValueError(f"criterion={criterion!r}; use 'values' (singular values) or 'residual' (vectors too)")
@@ -137,7 +152,7 @@ def block_lanczos_svd(
     b = min(p, block or max(16, k // 2))
     lag = max(1, -(-32 // b))  # compare Ritz values >= 32 dimensions apart, so the test does not shrink with b
     max_dim = min(p, max_dim or p)
-    Wi = iterate_on if iterate_on is not None and iterate_on.dtype == dtype else W.astype(dtype, copy=False)
+    Wi = W.astype(dtype, copy=False)
     rng = np.random.default_rng(seed)
     steps = max_dim // b
     # contiguous bases: one GEMM pair per reorthogonalisation instead of one per block
@@ -203,7 +218,7 @@ def block_lanczos_svd(
     # float64 polish: orthonormalise the top-k Ritz vectors and re-project W on them
     U0, _ = thin_qr(Qb[:, :dim].astype(np.float64) @ X[:, :k])
     V0, _ = thin_qr(Pb[:, :dim].astype(np.float64) @ Yh[:k].T)
-    WV = W @ V0
+    WV = matmul64(W, V0)
     Xp, s, Yph = thin_svd(U0.T @ WV)
     U, V = U0 @ Xp, V0 @ Yph.T
     res64 = np.linalg.norm(WV @ Yph.T - U * s, axis=0)
@@ -242,12 +257,19 @@ class TopSingular:
     ):
         if method not in {"auto", "full", "lanczos"}:
             raise ValueError(f"method={method!r} is not one of 'auto', 'full', 'lanczos'")
-        # the float32 original (a checkpoint tensor) feeds the float32 Krylov iteration without a copy
+        # A float32 original (a checkpoint tensor) is kept as is: the float32 Krylov iteration uses it
+        # directly and every float64 product converts it a few rows at a time (`matmul64`); other inputs
+        # become float64 once. `.W` (float64) is made only when asked for (exact SVD, callers).
         src = W.detach().cpu().numpy() if hasattr(W, "detach") and str(W.dtype) == "torch.float32" else W
-        self._W32 = src if isinstance(src, np.ndarray) and src.dtype == np.float32 else None
-        self.W = as_float64(W, name="W")
-        if self.W.ndim != 2:
-            raise ValueError(f"W must be a 2-D weight matrix, got shape {self.W.shape}")
+        if isinstance(src, np.ndarray) and src.dtype == np.float32:
+            if src.ndim == 2 and not np.isfinite(src).all():
+                raise ValueError("W has non-finite entries; check the run's weights (NaN/inf after training?)")
+            self._src = np.ascontiguousarray(src)
+        else:
+            self._src = as_float64(W, name="W")
+        if self._src.ndim != 2:
+            raise ValueError(f"W must be a 2-D weight matrix, got shape {self._src.shape}")
+        self._W64 = self._src if self._src.dtype == np.float64 else None
         self.method = method
         self.tol = tol
         self.vector_tol = vector_tol
@@ -261,26 +283,41 @@ class TopSingular:
         self._norm = None
 
     @property
+    def W(self) -> np.ndarray:
+        """W as float64 (converted on first use when the input was float32)."""
+        if self._W64 is None:
+            self._W64 = self._src.astype(np.float64)
+        return self._W64
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self.W.shape
+        return self._src.shape
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        """W @ X in float64."""
+        return matmul64(self._W64 if self._W64 is not None else self._src, X)
 
     @property
     def frobenius(self) -> float:
         if self._norm is None:
-            self._norm = float(np.linalg.norm(self.W))
+            src, sq = self._src, 0.0
+            for i in range(0, src.shape[0], 256):  # float64 accumulation without a float64 copy
+                c = src[i : i + 256].astype(np.float64)
+                sq += float(np.einsum("ij,ij->", c, c))
+            self._norm = float(np.sqrt(sq))
         return self._norm
 
     def _use_full(self, k: int) -> bool:
         if self.method != "auto":
             return self.method == "full"
-        p = min(self.W.shape)
+        p = min(self.shape)
         return p <= self.full_below or k > p // 8
 
     def get(self, k: int, *, vectors: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k (U, s, Vh). vectors=True asks for converged singular vectors, not only values."""
-        p = min(self.W.shape)
+        p = min(self.shape)
         if not 1 <= k <= p:
-            raise ValueError(f"asked for the top {k} singular directions of a {self.W.shape} matrix; use 1..{p}")
+            raise ValueError(f"asked for the top {k} singular directions of a {self.shape} matrix; use 1..{p}")
         stale = self._s is None or len(self._s) < k or (vectors and not self._vectors_ok)
         if stale:
             if self._use_full(k):
@@ -289,14 +326,13 @@ class TopSingular:
                 self._vectors_ok = True
             else:
                 U, s, Vh, self.info = block_lanczos_svd(
-                    self.W,
+                    self._src,
                     k,
                     block=self.block,
                     tol=self.vector_tol if vectors else self.tol,
                     criterion="residual" if vectors else "values",
                     max_dim=self.max_dim,
                     seed=self.seed,
-                    iterate_on=self._W32,
                 )
                 self._vectors_ok = vectors
             self._U, self._s, self._Vh = U, s, Vh

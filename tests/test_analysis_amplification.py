@@ -188,3 +188,23 @@ def test_shape_mismatch_names_the_fix():
         factored_directions(np.ones((2, 5)), np.ones((5, 3)))
     with pytest.raises(ValueError, match="only 2 available"):
         delta_directions(np.eye(2), 3)
+
+
+def test_float32_weights_give_the_float64_numbers():
+    # checkpoints are float32: TopSingular keeps them as is and multiplies in float64 a few rows at a time
+    from analysis.linalg import matmul64
+
+    rng = np.random.default_rng(9)
+    W32 = rng.standard_normal((300, 200)).astype(np.float32)
+    W64 = W32.astype(np.float64)
+    X = rng.standard_normal((200, 7))
+    assert np.allclose(matmul64(W32, X, rows=64), W64 @ X, rtol=0, atol=1e-12)
+    A, B = rng.standard_normal((4, 200)), rng.standard_normal((300, 4))
+    r32 = amplification_from_factors(TopSingular(W32), A, B, 0.5, seed=1)
+    r64 = amplification_from_factors(TopSingular(W64), A, B, 0.5, seed=1)
+    for key in ("delta", "own", "random", "norm_W", "factor"):
+        assert r32[key] == pytest.approx(r64[key], rel=1e-12), key
+    lz32 = TopSingular(W32, method="lanczos").own_norm(16)
+    assert lz32 == pytest.approx(np.sqrt(np.sum(np.linalg.svd(W64, compute_uv=False)[:16] ** 2)), rel=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        TopSingular(np.full((3, 3), np.nan, dtype=np.float32))
