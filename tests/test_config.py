@@ -100,7 +100,7 @@ def test_sweep_expansion_includes_preset_params():
 
 def test_preflight_rejects_a_bad_value_in_a_later_job():
     with pytest.raises(ConfigError, match="rank='four'"):
-        preflight(["-m", "rank=4,8,four", "paths.data_dir=/x"])
+        preflight(["-m", "rank=4,8,four"])
     with pytest.raises(ConfigError, match="adapter='loar' is unknown.*lora"):
         preflight(["-m", "adapter=lora,loar"])
 
