@@ -295,6 +295,15 @@ def run_layers(args) -> int:
     return _finish(args, infos, "layers", out, files, summary)
 
 
+def _one_run_per_rank(args, runs):
+    """(ranks, seed, {rank: run}): the asked-for ranks (default all) of one seed (default the lowest)."""
+    from analysis.inputs import select
+
+    ranks = sorted({i.rank for i in runs}) if not args.ranks else list(args.ranks)
+    seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+    return ranks, seed, {r: select(runs, rank=r, seed=seed)[0] for r in ranks}
+
+
 def run_wsubspace(args) -> int:
     from analysis import figures
     from analysis.inputs import by_layer, select
@@ -302,10 +311,7 @@ def run_wsubspace(args) -> int:
     from analysis.subspace import similarity_from_bases, right_singular_basis
 
     infos = _load(args)
-    runs = _lora_runs(infos, args.adapter)
-    ranks = sorted({i.rank for i in runs}) if not args.ranks else list(args.ranks)
-    seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
-    chosen = {r: select(runs, rank=r, seed=seed)[0] for r in ranks}
+    ranks, seed, chosen = _one_run_per_rank(args, _lora_runs(infos, args.adapter))
     first = next(iter(chosen.values()))
     base = by_layer(first.run.base_weights())
     As = {r: _A_by_layer(info) for r, info in chosen.items()}
@@ -349,10 +355,7 @@ def run_amplification(args) -> int:
     from analysis.tables import PAPER_TABLE7, per_layer, table7, write_table
 
     infos = _load(args)
-    runs = _lora_runs(infos, args.adapter)
-    ranks = sorted({i.rank for i in runs}) if not args.ranks else list(args.ranks)
-    seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
-    chosen = {r: select(runs, rank=r, seed=seed)[0] for r in ranks}
+    ranks, seed, chosen = _one_run_per_rank(args, _lora_runs(infos, args.adapter))
     models = {i.model for i in chosen.values()}
     if len(models) > 1:
         raise UsageError(f"runs use different base models {sorted(map(str, models))}; analyse one model at a time")
