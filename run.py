@@ -10,10 +10,17 @@ Re-running a command with the same hydra.run.dir / hydra.sweep.dir skips complet
 interrupted ones. What each run writes: lowrank/experiment.py; the config schema: lowrank/config.py.
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
 
-from lowrank import experiment
+# Idle OpenMP threads sleep instead of spinning (must be set before torch loads). On a CPU shared with other
+# processes a spinning thread waits for a descheduled sibling at every parallel region: measured here, with one
+# other busy process on the 2 cores, a MiniLM LoRA step took 5.3 s spinning and 0.74 s passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from lowrank import experiment  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

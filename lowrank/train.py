@@ -158,21 +158,23 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothi
 def evaluate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) -> tuple[dict, list]:
     """``({"eval/<metric>": value}, generations)`` on the eval set; the model is left in eval mode."""
     model.eval()
-    loss_sum, count, predictions = 0.0, 0, []
+    loss_sum, count, predicted = 0.0, 0, {}
     ev = data.eval
-    for start in range(0, len(ev), cfg.eval_batch_size):
-        batch = collate(ev[start:start + cfg.eval_batch_size], data.pad_id, data.kind)
-        batch = {k: v.to(device) for k, v in batch.items()}
+    # batches of similar length pad little; predictions go back to dataset order
+    order = sorted(range(len(ev)), key=lambda i: len(ev[i]["input_ids"]))
+    for start in range(0, len(order), cfg.eval_batch_size):
+        indices = order[start:start + cfg.eval_batch_size]
+        batch = {k: v.to(device) for k, v in collate(ev[indices], data.pad_id, data.kind).items()}
         with autocast(device, cfg.precision):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n = len(batch["input_ids"])
-        loss_sum += loss_fn(logits, batch["labels"], data.kind).item() * n
-        count += n
+        loss_sum += loss_fn(logits, batch["labels"], data.kind).item() * len(indices)
+        count += len(indices)
         if data.kind == "classification":
-            predictions += logits.argmax(-1).tolist()
+            predicted.update(zip(indices, logits.argmax(-1).tolist()))
     metrics = {"eval/loss": loss_sum / max(count, 1)}
     if data.kind == "classification":
         labels = list(ev["labels"])
+        predictions = [predicted[i] for i in range(len(ev))]
         metrics["eval/accuracy"] = accuracy(predictions, labels)
         metrics["eval/mcc"] = matthews_corrcoef(predictions, labels)
         return metrics, []
