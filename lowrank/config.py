@@ -104,7 +104,7 @@ class AdapterConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 250
     epochs: int = 1
     batch_size: int = 32
     grad_accum: int = 1
@@ -117,11 +117,11 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     max_seq_len: int = 64
     group_by_length: bool = True
-    eval_every: int = 100
+    eval_every: int = 125
     eval_batch_size: int = 128
     max_eval_samples: Optional[int] = None
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int = 125
     save_weights_at: List[int] = field(default_factory=list)
     save_weights_every: int = 0
     precision: str = "auto"
@@ -359,7 +359,11 @@ def _check_trainer(t) -> None:
     _positive("trainer.lr", t.lr)
     _positive("trainer.max_eval_samples", t.max_eval_samples)
     if t.max_steps == 0 and t.epochs == 0:
-        raise ConfigError("trainer.max_steps=0 and trainer.epochs=0 train nothing; fix: e.g. trainer.max_steps=300")
+        raise ConfigError("trainer.max_steps=0 and trainer.epochs=0 train nothing; fix: e.g. trainer.max_steps=250")
+    late = [s for s in t.save_weights_at if t.max_steps and s > t.max_steps]
+    if late:
+        raise ConfigError(f"trainer.save_weights_at has step {late[0]} > trainer.max_steps={t.max_steps}; fix: keep "
+                          f"the steps within the run, e.g. trainer.save_weights_at=[0,{t.max_steps // 2},{t.max_steps}]")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not a multiple of trainer.grad_accum={t.grad_accum}; "
                           f"fix: make batch_size = micro-batch × grad_accum")
