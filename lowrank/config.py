@@ -36,6 +36,11 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message is one line naming the value and the fix."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first message line (its type name if the message is empty), for one-line reports."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 # ---- the schema -------------------------------------------------------------------------------------
 
 @dataclass
@@ -322,7 +327,8 @@ def _check_task(task) -> None:
     try:
         "".encode(task.local.encoding)
     except LookupError:
-        raise ConfigError(f"task.local.encoding={task.local.encoding!r} is unknown; fix: e.g. utf-8 or latin-1") from None
+        raise ConfigError(f"task.local.encoding={task.local.encoding!r} is unknown; fix: e.g. utf-8 or "
+                          f"latin-1") from None
 
 
 def _check_adapter(cfg) -> None:
@@ -348,7 +354,8 @@ def _check_adapter(cfg) -> None:
         raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
     dropout = cfg.adapter.options.get("dropout")
     if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-        raise ConfigError(f"adapter.options.dropout={dropout!r} must be in [0, 1); fix: e.g. adapter.options.dropout=0.1")
+        raise ConfigError(f"adapter.options.dropout={dropout!r} must be in [0, 1); fix: e.g. "
+                          f"adapter.options.dropout=0.1")
 
 
 def _check_trainer(t) -> None:
@@ -363,7 +370,8 @@ def _check_trainer(t) -> None:
     late = [s for s in t.save_weights_at if t.max_steps and s > t.max_steps]
     if late:
         raise ConfigError(f"trainer.save_weights_at has step {late[0]} > trainer.max_steps={t.max_steps}; fix: keep "
-                          f"the steps within the run, e.g. trainer.save_weights_at=[0,{t.max_steps // 2},{t.max_steps}]")
+                          f"the steps within the run, e.g. "
+                          f"trainer.save_weights_at=[0,{t.max_steps // 2},{t.max_steps}]")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not a multiple of trainer.grad_accum={t.grad_accum}; "
                           f"fix: make batch_size = micro-batch × grad_accum")

@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lowrank.config import ConfigError, check_data_dir, local_files
+from lowrank.config import ConfigError, check_data_dir, first_line, local_files
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)
@@ -126,9 +126,8 @@ def read_hub(task) -> "datasets.DatasetDict":
     try:
         raw = load_dataset(hub.path, hub.name) if hub.name else load_dataset(hub.path)
     except Exception as e:  # noqa: BLE001 - any failure becomes one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"could not load task {task.name!r} from the hub ({hub.path}: {first}); fix: set "
-                          f"LOWRANK_DATA_DIR (or paths.data_dir=...) to a folder with the local files") from None
+        raise ConfigError(f"could not load task {task.name!r} from the hub ({hub.path}: {first_line(e)}); fix: "
+                          f"set LOWRANK_DATA_DIR (or paths.data_dir=...) to a folder with the local files") from None
     out = {}
     for split, hub_split in (("train", hub.train), ("eval", hub.eval)):
         ds = raw[hub_split]

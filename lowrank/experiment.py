@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank.config import CONF_DIR, ConfigError, choices, validate
+from lowrank.config import CONF_DIR, ConfigError, choices, first_line, validate
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -285,10 +285,6 @@ _NO_PREFLIGHT = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--
                  "--experimental-rerun", "--resolve", "--package", "-p")
 
 
-def _one_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def jobs_of(argv: list[str]) -> list[list[str]]:
     """The override lists of the jobs ``run.py argv`` would launch (one list unless ``-m``)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -300,7 +296,7 @@ def jobs_of(argv: list[str]) -> list[list[str]]:
     try:
         parsed = parser.parse_overrides(args)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"cannot parse the overrides ({_one_line(e)}); fix: write key=value, "
+        raise ConfigError(f"cannot parse the overrides ({first_line(e)}); fix: write key=value, "
                           f"e.g. rank=8 or adapter=lora,dora with -m") from None
     for o in parsed:
         group = o.key_or_group
@@ -347,11 +343,11 @@ def preflight(argv: list[str], limit: int = 256) -> int:
             try:
                 cfg = compose("config", overrides=[o for o in overrides if not o.startswith(_HYDRA)])
             except Exception as e:  # noqa: BLE001 - Hydra's composition errors span lines; keep the first
-                unknown = re.match(r"Could not override '([^']+)'", _one_line(e))
+                unknown = re.match(r"Could not override '([^']+)'", first_line(e))
                 if unknown:
                     raise ConfigError(f"unknown config key '{unknown.group(1)}'; fix: check its spelling "
                                       f"(`python run.py --cfg job` lists the keys)") from None
-                raise ConfigError(f"{_one_line(e)}; fix: check the override's key and value "
+                raise ConfigError(f"{first_line(e)}; fix: check the override's key and value "
                                   f"(`python run.py --help` lists groups and options)") from None
             cfg.paths.output_dir = "<preflight>"  # Hydra resolves it inside the app only
             validate(cfg)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank.config import ConfigError, package_dir
+from lowrank.config import ConfigError, first_line, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ def _loading(what: str, model_cfg, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"could not load the {what} of model {model_cfg.name!r} from {model_cfg.pretrained!r} "
-                          f"({first[:200]}); fix: check model.pretrained (a hub name needs internet; offline, give "
+                          f"({first_line(e)}); fix: check model.pretrained (a hub name needs internet; offline, give "
                           f"a local folder)") from e
 
 

@@ -253,7 +253,8 @@ def run_dirs(sweep_dir) -> list[Path]:
     """Every run dir under ``sweep_dir`` (folders with a result.json or a .hydra/config.yaml)."""
     root = Path(sweep_dir)
     found = {p.parent for p in root.rglob(RESULT)} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
-    return sorted(p for p in found if not any(part in (ADAPTER, CHECKPOINTS, "wandb") for part in p.relative_to(root).parts))
+    inside_a_run = (ADAPTER, CHECKPOINTS, "wandb")
+    return sorted(p for p in found if not any(part in inside_a_run for part in p.relative_to(root).parts))
 
 
 def _override_key(override: str) -> tuple[str | None, str]:
@@ -322,7 +323,8 @@ def aggregate(sweep_dir) -> pd.DataFrame:
 
 
 def _show(df: pd.DataFrame) -> str:
-    cols = [c for c in df.columns if c not in ("error", "peak_memory_mb", "failed_step") and not c.startswith("final/loss")]
+    hidden = ("error", "peak_memory_mb", "failed_step", "final/loss")
+    cols = [c for c in df.columns if c not in hidden]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
         return df[cols].to_string(index=False)
 

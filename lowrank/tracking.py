@@ -19,6 +19,8 @@ import os
 import time
 from pathlib import Path
 
+from lowrank.config import first_line
+
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 
@@ -93,9 +95,8 @@ class Tracker:
 
     def _warn(self, what: str, error: Exception) -> None:
         if not self._warned:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            log.warning("W&B failed to %s (%s: %s); going on with %s only", what, type(error).__name__, first,
-                        METRICS)
+            log.warning("W&B failed to %s (%s: %s); going on with %s only", what, type(error).__name__,
+                        first_line(error), METRICS)
             self._warned = True
         self._wandb = None if what == "start" else self._wandb
 
