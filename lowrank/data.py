@@ -190,19 +190,19 @@ def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int |
         ev = ev.map(encode, batched=True, remove_columns=ev.column_names, keep_in_memory=True)
         return TaskData("classification", train, ev, pad_id)
 
-    def encode_pairs(batch, ref_key):
-        ids, labels = zip(*(_generation_example(tokenizer, task.prompt.format(mr=mr), ref if ref_key == "ref" else
-                                                ref[0], max_seq_len) for mr, ref in zip(batch["mr"], batch[ref_key])))
-        return {"input_ids": list(ids), "labels": list(labels)}
+    def encode_pairs(batch, column):  # train: one row per (mr, ref); eval: (mr, refs), loss on the first ref
+        pairs = [_generation_example(tokenizer, task.prompt.format(mr=mr), ref if isinstance(ref, str) else ref[0],
+                                     max_seq_len) for mr, ref in zip(batch["mr"], batch[column])]
+        return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
+
     prompts = [tokenizer(task.prompt.format(mr=mr))["input_ids"][-max_seq_len:] for mr in ev["mr"]]
-    data = TaskData("generation",
-                    train.map(lambda b: encode_pairs(b, "ref"), batched=True, remove_columns=train.column_names,
-                              keep_in_memory=True),
-                    ev.map(lambda b: encode_pairs(b, "refs"), batched=True, remove_columns=ev.column_names,
-                           keep_in_memory=True),
+    return TaskData("generation",
+                    train.map(encode_pairs, fn_kwargs={"column": "ref"}, batched=True,
+                              remove_columns=train.column_names, keep_in_memory=True),
+                    ev.map(encode_pairs, fn_kwargs={"column": "refs"}, batched=True,
+                           remove_columns=ev.column_names, keep_in_memory=True),
                     pad_id, prompts=prompts, references=list(ev["refs"]), sources=list(ev["mr"]),
                     decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    return data
 
 
 def collate(examples: dict[str, list], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
