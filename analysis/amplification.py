@@ -19,6 +19,8 @@ O((out + in) r²) instead of a d×d SVD.
 from __future__ import annotations
 
 import hashlib
+import os
+from contextlib import contextmanager
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ __all__ = [
     "projection_norm",
     "amplification",
     "amplification_from_factors",
+    "amplification_many",
     "amplification_study",
     "ROW_KEYS",
     "stable_seed",
@@ -101,30 +104,62 @@ def _as_top(W) -> TopSingular:
     return W if isinstance(W, TopSingular) else TopSingular(W)
 
 
-def _row(top: TopSingular, dirs: Directions, r: int, norm_delta: float, rng: np.random.Generator) -> dict:
+def _rows(top: TopSingular, items: list[tuple[Directions, int, float, np.random.Generator]]) -> list[dict]:
+    """Table 7 rows for several updates of one W, with a single float64 pass over W for all of them:
+    W @ [V_delta(1) | V_random(1) | V_delta(2) | ...]."""
     out_f, in_f = top.shape
-    if dirs.U.shape[0] != out_f or dirs.Vh.shape[1] != in_f:
-        raise ValueError(
-            f"ΔW is {dirs.U.shape[0]}×{dirs.Vh.shape[1]} but W is {out_f}×{in_f}; "
-            "pair each update with the base weight of the same module"
-        )
-    rand = random_directions(top.shape, r, rng)
-    # one pass over W for both rows: W @ [V_delta | V_random], in float64
-    WV = top.matmul(np.hstack([dirs.Vh.T, rand.Vh.T]))
-    delta = float(np.linalg.norm(dirs.U.T @ WV[:, :r]))
-    random_row = float(np.linalg.norm(rand.U.T @ WV[:, r:]))
+    blocks, rands = [], []
+    for dirs, r, _, rng in items:
+        if dirs.U.shape[0] != out_f or dirs.Vh.shape[1] != in_f:
+            raise ValueError(
+                f"ΔW is {dirs.U.shape[0]}×{dirs.Vh.shape[1]} but W is {out_f}×{in_f}; "
+                "pair each update with the base weight of the same module"
+            )
+        rand = random_directions(top.shape, r, rng)
+        rands.append(rand)
+        blocks += [dirs.Vh.T, rand.Vh.T]
+    WV = top.matmul(np.hstack(blocks))
     norm_W = top.frobenius
-    return {
-        "r": int(r),
-        "delta": delta,
-        "own": top.own_norm(r),
-        "random": random_row,
-        "random_expected": float(r * norm_W / np.sqrt(out_f * in_f)),
-        "norm_W": norm_W,
-        "norm_delta": norm_delta,
-        "norm_delta_r": float(np.sqrt(np.sum(dirs.s**2))),
-        "factor": norm_delta / delta if delta > 0 else float("inf"),
-    }
+    rows, col = [], 0
+    for (dirs, r, norm_delta, _), rand in zip(items, rands):
+        delta = float(np.linalg.norm(dirs.U.T @ WV[:, col : col + r]))
+        random_row = float(np.linalg.norm(rand.U.T @ WV[:, col + r : col + 2 * r]))
+        col += 2 * r
+        rows.append({
+            "r": int(r),
+            "delta": delta,
+            "own": top.own_norm(r),
+            "random": random_row,
+            "random_expected": float(r * norm_W / np.sqrt(out_f * in_f)),
+            "norm_W": norm_W,
+            "norm_delta": norm_delta,
+            "norm_delta_r": float(np.sqrt(np.sum(dirs.s**2))),
+            "factor": norm_delta / delta if delta > 0 else float("inf"),
+        })
+    return rows
+
+
+def _prepare(update, r: int | None) -> tuple[Directions, int, float]:
+    """(top-r directions, r, ‖ΔW‖_F) of an update: LoRA factors {"A", "B", "scaling"} or a formed ΔW."""
+    if isinstance(update, Mapping):
+        full = factored_directions(update["A"], update["B"], float(update.get("scaling") or 1.0))
+        r = full.r if r is None else r
+        return full.truncate(r), r, float(np.sqrt(np.sum(full.s**2)))  # ΔW has rank <= r_lora
+    if r is None:
+        raise ValueError("a formed ΔW needs r=...; pass the rank to project onto")
+    D = as_float64(update, name="delta_W")
+    return delta_directions(D, r), r, float(np.linalg.norm(D))
+
+
+def amplification_many(W, updates: Mapping, *, r: int | None = None, seeds: Mapping | None = None) -> dict:
+    """Table 7 rows for several updates of the same W ({label: LoRA factors or formed ΔW}), sharing W's
+    top-r SVD and one pass over W. `seeds`: {label: seed of the random row} (default 0 for all)."""
+    top = _as_top(W)
+    labels = list(updates)
+    prepared = [_prepare(updates[k], r) for k in labels]
+    top.get(max(p[1] for p in prepared))  # W's top directions once, for the largest r
+    items = [(d, rr, nd, np.random.default_rng((seeds or {}).get(k, 0))) for k, (d, rr, nd) in zip(labels, prepared)]
+    return dict(zip(labels, _rows(top, items)))
 
 
 def amplification(W, delta_W, r: int, *, seed: int | Sequence[int] = 0) -> dict:
@@ -133,27 +168,50 @@ def amplification(W, delta_W, r: int, *, seed: int | Sequence[int] = 0) -> dict:
     W: the pretrained weight (out, in), or a `TopSingular` of it (its top directions are then cached
     across calls). delta_W: the formed update (out, in), including the α/r scaling.
     """
-    top = _as_top(W)
-    D = as_float64(delta_W, name="delta_W")
-    dirs = delta_directions(D, r)
-    return _row(top, dirs, r, float(np.linalg.norm(D)), np.random.default_rng(seed))
+    dirs, r, norm_delta = _prepare(delta_W, r)
+    return _rows(_as_top(W), [(dirs, r, norm_delta, np.random.default_rng(seed))])[0]
 
 
 def amplification_from_factors(
     W, A, B, scaling: float, r: int | None = None, *, seed: int | Sequence[int] = 0
 ) -> dict:
     """`amplification` with ΔW = scaling · B A given by its LoRA factors (never formed)."""
-    top = _as_top(W)
-    full = factored_directions(A, B, scaling)
-    r = full.r if r is None else r
-    norm_delta = float(np.sqrt(np.sum(full.s**2)))  # ||ΔW||_F: ΔW has rank <= r_lora
-    return _row(top, full.truncate(r), r, norm_delta, np.random.default_rng(seed))
+    dirs, r, norm_delta = _prepare({"A": A, "B": B, "scaling": scaling}, r)
+    return _rows(_as_top(W), [(dirs, r, norm_delta, np.random.default_rng(seed))])[0]
 
 
 def stable_seed(seed: int, *keys) -> list[int]:
     """A seed sequence for numpy from an int and any labels, identical across processes and platforms."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return [int(seed), int.from_bytes(digest, "little")]
+
+
+def _to_numpy(x):
+    """Tensors become numpy arrays (same dtype) before crossing to a worker process."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def _study_task(task) -> tuple[str, dict]:
+    name, W, mine, r, seeds, top_kwargs = task
+    top = TopSingular(W, **top_kwargs)
+    return name, amplification_many(top, mine, r=r, seeds=seeds)
+
+
+@contextmanager
+def _one_blas_thread_in_children():
+    # spawned workers read these when numpy loads: one BLAS thread each, so `jobs` processes use `jobs`
+    # cores without BLAS threads spinning against each other
+    keys = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict.fromkeys(keys, "1"))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def amplification_study(
@@ -165,13 +223,15 @@ def amplification_study(
     seed: int = 0,
     progress: bool = False,
     top_kwargs: Mapping | None = None,
+    jobs: int = 1,
 ):
     """Table 7 for many modules and several updates, W's SVD computed once per module.
 
     base_weights: {module: W0 (out, in)}. updates: {label (e.g. the run's rank): {module: update}}, each
     update either a formed ΔW (then `r` is required) or LoRA factors {"A", "B", "scaling"} as returned
     by `lowrank.results.Run.factors()`. Returns a long DataFrame: one row per (label, module) with
-    module, layer, matrix, label and the `ROW_KEYS`.
+    module, layer, matrix, label and the `ROW_KEYS`. `jobs` > 1 spreads the modules over that many
+    worker processes (one BLAS thread each); the rows are the same as with jobs=1.
     """
     import pandas as pd
 
@@ -181,35 +241,64 @@ def amplification_study(
     missing = [m for m in names if m not in base_weights]
     if missing:
         raise KeyError(f"no base weight for {missing[:3]}...; load the base model the runs were trained from")
-    rows = []
-    it = names
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs}; use 1 (this process) or more worker processes")
+    kw = dict(top_kwargs or {})
+
+    def tasks():
+        for name in names:
+            mine = {label: upd[name] for label, upd in updates.items() if name in upd}
+            if mine:
+                # the random row is seeded per (module, label): independent across rows, reproducible
+                seeds = {k: stable_seed(seed, name, k) for k in mine}
+                yield name, base_weights[name], mine, r, seeds, kw
+
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(names, desc="amplification", unit="module")
-    for name in it:
-        top = TopSingular(base_weights[name], **dict(top_kwargs or {}))
-        # W's top directions, once, for the largest r any update needs
-        ranks = []
-        for upd in updates.values():
-            if name in upd:
-                u = upd[name]
-                ranks.append(r or (np.shape(u["A"])[0] if isinstance(u, Mapping) else None))
-        if any(k is None for k in ranks):
-            raise ValueError(f"{name}: a formed ΔW needs r=...; pass the rank to project onto")
-        if ranks:
-            top.get(max(ranks))
+        bar = tqdm(total=len(names), desc="amplification", unit="module")
+    results: dict[str, dict] = {}
+    if jobs == 1:
+        for task in tasks():
+            name, rows_here = _study_task(task)
+            results[name] = rows_here
+            if bar is not None:
+                bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        pending, it = set(), tasks()
+        with _one_blas_thread_in_children(), ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            while True:
+                # at most 2 tasks in flight per worker: weights are pickled to the worker on submit
+                while len(pending) < 2 * jobs:
+                    task = next(it, None)
+                    if task is None:
+                        break
+                    name, W, mine, rr, seeds, kw_ = task
+                    mine = {k: ({kk: _to_numpy(vv) for kk, vv in u.items()} if isinstance(u, Mapping)
+                                else _to_numpy(u)) for k, u in mine.items()}
+                    pending.add(pool.submit(_study_task, (name, _to_numpy(W), mine, rr, seeds, kw_)))
+                if not pending:
+                    break
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    name, rows_here = f.result()
+                    results[name] = rows_here
+                    if bar is not None:
+                        bar.update()
+    if bar is not None:
+        bar.close()
+    rows = []
+    for name in names:
+        if name not in results:
+            continue
         layer, kind = parse_module_name(name)
-        for label, upd in updates.items():
-            if name not in upd:
-                continue
-            u = upd[name]
-            # the random row is seeded per (module, label): independent across rows, reproducible
-            row_seed = stable_seed(seed, name, label)
-            if isinstance(u, Mapping):
-                row = amplification_from_factors(top, u["A"], u["B"], float(u.get("scaling", 1.0)), r, seed=row_seed)
-            else:
-                row = amplification(top, u, r, seed=row_seed)
+        for label, row in results[name].items():
             rows.append({"label": label, "module": name, "layer": layer, "matrix": kind, **row})
     cols = ["label", "module", "layer", "matrix", *ROW_KEYS]
     return pd.DataFrame(rows, columns=cols)

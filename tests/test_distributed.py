@@ -21,8 +21,8 @@ def tiny_bert_no_dropout(tmp_path_factory):
 
 
 def _train(cmd_prefix, model_dir, run_dir, data_dir):
-    args = tiny_args(model_dir, f"hydra.run.dir={run_dir}", "trainer.max_steps=4", "trainer.batch_size=8",
-                     "trainer.group_by_length=false", "trainer.eval_every=0", "trainer.checkpoint_every=2")
+    args = tiny_args(model_dir, f"hydra.run.dir={run_dir}", "trainer.max_steps=4", "trainer.save_weights_at=[]",
+                     "trainer.batch_size=8",                      "trainer.group_by_length=false", "trainer.eval_every=0", "trainer.checkpoint_every=2")
     done = subprocess.run([*cmd_prefix, "run.py", *args], cwd=REPO, env=cli_env(data_dir, OMP_NUM_THREADS=1),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, cli_env, run_cli, tiny_args
 
 pytestmark = pytest.mark.integration
-SWEEP = ["-m", "rank=2,4", "seed=0,1", "trainer.max_steps=4", "trainer.eval_every=2"]
+SWEEP = ["-m", "rank=2,4", "seed=0,1", "trainer.max_steps=4", "trainer.save_weights_at=[0,4]", "trainer.eval_every=2"]
 
 
 def _aggregate(sweep) -> pd.DataFrame:
