@@ -283,9 +283,13 @@ def run_layers(args) -> int:
         files += figures.save(figures.figure7(phis, rank=rank, factor=args.factor), out / "fig7")
         np.savez(out / "fig7.npz", **{f"phi_{k}_layer{L}": phis[L][i] for L in layers for i, k in enumerate("qv")})
         files.append(out / "fig7.npz")
+        grid = np.arange(1, rank + 1)
+        d = Aa[(layers[0], "q")].shape[1]
         summary["fig7"] = {"rank": rank, "seeds": [a.seed, b.seed], "layers": layers,
                            "mean_phi": {str(L): {k: float(phis[L][i].mean()) for i, k in enumerate("qv")}
-                                        for L in layers}}
+                                        for L in layers},
+                           # two random subspaces: E φ(i, j) = max(i, j)/d, averaged over the grid
+                           "chance_mean_phi": float(np.maximum.outer(grid, grid).mean() / d)}
         made = True
     except (UsageError, LookupError) as e:
         print(f"Figure 7 skipped: {e}", file=sys.stderr)

@@ -83,9 +83,20 @@ def _fig4(d: Path) -> list[Check]:
 def _fig6_7(d: Path) -> list[Check]:
     s = summary(d, "layers")
     checks = []
-    for name in ("fig6", "fig7"):
-        if name in s:
-            checks.append(Check(f"{name}: layers", s[name].get("layers")))
+    if "fig6" in s:
+        r1, r2 = s["fig6"]["ranks"]
+        for layer, by_k in s["fig6"]["phi_11"].items():
+            checks += [Check(f"Fig. 6, layer {layer}: φ(1,1) ΔW{k}, r={r1} vs r={r2}", v, "> 0.5",
+                             v > ref.LORA_FIG6_7["threshold"]) for k, v in by_k.items()]
+    if "fig7" in s:
+        rank, (a, b) = s["fig7"]["rank"], s["fig7"]["seeds"]
+        for layer, by_k in s["fig7"]["mean_phi"].items():
+            q, v = by_k["q"], by_k["v"]
+            # chance for the mean over the (i, j) grid of two random r-dim subspaces of R^d: mean max(i,j)/d
+            chance = s["fig7"].get("chance_mean_phi")
+            checks.append(Check(f"Fig. 7, layer {layer}: mean φ across seeds {a},{b} (r={rank}), ΔWq / ΔWv",
+                                f"{q:.3f} / {v:.3f}", f"> chance ({chance:.3f})" if chance else "> chance",
+                                (min(q, v) > chance) if chance else None))
     return checks
 
 
@@ -232,7 +243,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            [["experiment=lora_fig3"]], [["subspace"]], _fig3, "4 runs × ~3 min", sweep_name="lora_fig3"),
     Recipe("lora_fig4", "LoRA Figure 4: two seeds at r=64 and random Gaussian", ref.LORA_FIG4,
            [["experiment=lora_fig3"]], [["seeds"]], _fig4, "shares lora_fig3's sweep", sweep_name="lora_fig3"),
-    Recipe("lora_fig6_7", "LoRA Figures 6-7: Figures 3-4 across layers", ref.LORA_FIG3,
+    Recipe("lora_fig6_7", "LoRA Figures 6-7: Figures 3-4 across layers", ref.LORA_FIG6_7,
            [["experiment=lora_fig3"]], [["layers"]], _fig6_7, "shares lora_fig3's sweep", sweep_name="lora_fig3"),
     Recipe("lora_fig8", "LoRA Figure 8: W's top singular directions vs ΔW's", ref.LORA_FIG8,
            [["experiment=lora_fig3"]], [["wsubspace"]], _fig8, "shares lora_fig3's sweep", sweep_name="lora_fig3"),

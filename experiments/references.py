@@ -37,6 +37,14 @@ LORA_FIG3 = {
     "threshold": 0.5,
 }
 
+LORA_FIG6_7 = {
+    "source": "LoRA Appendix H.1, Figures 6-7, GPT-3 175B layers 1, 32, 64, 96: Figure 3 (r=8 vs r=64) and "
+              "Figure 4 (two seeds at r=64) per layer",
+    "claim": "the results of Figures 3-4 generalize to other layers: the top r=8 direction lies in the r=64 "
+             "subspace (φ(1, 1) > 0.5) and seeds share directions above chance",
+    "threshold": 0.5,
+}
+
 LORA_FIG4 = {
     "source": "LoRA Figure 4, GPT-3 175B layer 48, two random seeds at r=64, plus two random Gaussian matrices",
     "claim": "seeds share top directions (ΔWq more than ΔWv); random Gaussian matrices share none "

@@ -132,6 +132,21 @@ def test_seeds_layers_wsubspace(sweep, tmp_path):
     assert main(["layers", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
     for f in ("fig6.png", "fig6.pdf", "fig7.png", "fig7.pdf"):
         assert (tmp_path / "layers" / f).is_file()
+    s = _summary(tmp_path, "layers")
+    # chance of the Figure 7 mean: E φ(i, j) = max(i, j)/d for random subspaces; closed form of its grid mean
+    r, d = s["fig7"]["rank"], HIDDEN
+    assert s["fig7"]["chance_mean_phi"] == pytest.approx((r + 1) * (4 * r - 1) / (6 * r) / d, rel=1e-12)
+    rng = np.random.default_rng(0)
+    mc = np.mean([similarity(rng.standard_normal((r, d)), rng.standard_normal((r, d))).mean() for _ in range(200)])
+    assert mc == pytest.approx(s["fig7"]["chance_mean_phi"], rel=0.05)
+    from experiments.recipes import _fig6_7
+
+    report_dir = tmp_path / "report"
+    (report_dir / "analysis" / "layers").mkdir(parents=True)
+    shutil.copy(tmp_path / "layers" / "summary.json", report_dir / "analysis" / "layers")
+    checks = _fig6_7(report_dir)
+    assert len(checks) == 2 * len(s["fig6"]["layers"]) + len(s["fig7"]["layers"])
+    assert all(c.holds is not None for c in checks)
     assert main(["wsubspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--top", "8"]) == 0
     s = _summary(tmp_path, "wsubspace")
     assert s["top_i"] == 8 and set(s["phi_at_top_i"]) == {"r=4", "r=16", "rand"}
