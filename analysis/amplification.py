@@ -187,8 +187,11 @@ def stable_seed(seed: int, *keys) -> list[int]:
 
 
 def _to_numpy(x):
-    """Tensors become numpy arrays (same dtype) before crossing to a worker process."""
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    """Tensors become numpy arrays before crossing to a worker process (bfloat16, which numpy lacks, as float32)."""
+    if not hasattr(x, "detach"):
+        return x
+    x = x.detach().cpu()
+    return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
 
 
 def _study_task(task) -> tuple[str, dict]:
@@ -212,6 +215,31 @@ def _one_blas_thread_in_children():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _in_workers(tasks, jobs: int):
+    """`_study_task` over `tasks` in `jobs` spawned processes, yielding results as they finish; at most
+    2 tasks in flight per worker, since each task's weights are pickled to the worker on submit."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    def portable(task):
+        name, W, mine, r, seeds, kw = task
+        mine = {k: ({kk: _to_numpy(vv) for kk, vv in u.items()} if isinstance(u, Mapping) else _to_numpy(u))
+                for k, u in mine.items()}
+        return name, _to_numpy(W), mine, r, seeds, kw
+
+    pending = set()
+    with _one_blas_thread_in_children(), ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        for task in tasks:
+            if len(pending) >= 2 * jobs:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+            pending.add(pool.submit(_study_task, portable(task)))
+        for f in pending:
+            yield f.result()
 
 
 def amplification_study(
@@ -253,50 +281,15 @@ def amplification_study(
                 seeds = {k: stable_seed(seed, name, k) for k in mine}
                 yield name, base_weights[name], mine, r, seeds, kw
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(names), desc="amplification", unit="module")
     results: dict[str, dict] = {}
-    if jobs == 1:
-        for task in tasks():
-            name, rows_here = _study_task(task)
+    with tqdm(total=len(names), desc="amplification", unit="module", disable=not progress) as bar:
+        for name, rows_here in map(_study_task, tasks()) if jobs == 1 else _in_workers(tasks(), jobs):
             results[name] = rows_here
-            if bar is not None:
-                bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-        pending, it = set(), tasks()
-        with _one_blas_thread_in_children(), ProcessPoolExecutor(
-            jobs, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            while True:
-                # at most 2 tasks in flight per worker: weights are pickled to the worker on submit
-                while len(pending) < 2 * jobs:
-                    task = next(it, None)
-                    if task is None:
-                        break
-                    name, W, mine, rr, seeds, kw_ = task
-                    mine = {k: ({kk: _to_numpy(vv) for kk, vv in u.items()} if isinstance(u, Mapping)
-                                else _to_numpy(u)) for k, u in mine.items()}
-                    pending.add(pool.submit(_study_task, (name, _to_numpy(W), mine, rr, seeds, kw_)))
-                if not pending:
-                    break
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    name, rows_here = f.result()
-                    results[name] = rows_here
-                    if bar is not None:
-                        bar.update()
-    if bar is not None:
-        bar.close()
+            bar.update()
     rows = []
-    for name in names:
-        if name not in results:
-            continue
+    for name in (n for n in names if n in results):
         layer, kind = parse_module_name(name)
         for label, row in results[name].items():
             rows.append({"label": label, "module": name, "layer": layer, "matrix": kind, **row})

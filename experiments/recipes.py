@@ -90,10 +90,9 @@ def _fig6_7(d: Path) -> list[Check]:
                              v > ref.LORA_FIG6_7["threshold"]) for k, v in by_k.items()]
     if "fig7" in s:
         rank, (a, b) = s["fig7"]["rank"], s["fig7"]["seeds"]
+        chance = s["fig7"].get("chance_mean_phi")  # two random subspaces: the grid mean of max(i, j)/d
         for layer, by_k in s["fig7"]["mean_phi"].items():
             q, v = by_k["q"], by_k["v"]
-            # chance for the mean over the (i, j) grid of two random r-dim subspaces of R^d: mean max(i,j)/d
-            chance = s["fig7"].get("chance_mean_phi")
             checks.append(Check(f"Fig. 7, layer {layer}: mean φ across seeds {a},{b} (r={rank}), ΔWq / ΔWv",
                                 f"{q:.3f} / {v:.3f}", f"> chance ({chance:.3f})" if chance else "> chance",
                                 (min(q, v) > chance) if chance else None))
