@@ -28,13 +28,19 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"experiments: command failed with exit code {done.returncode}: {' '.join(cmd)}")
 
 
+def run_dir_override(path: Path) -> str:
+    """``hydra.run.dir=...`` with the path quoted: run subdirs are named like sweep jobs (``adapter=full``),
+    and an unquoted ``=`` in an override value is a Hydra grammar error."""
+    return f"hydra.run.dir='{path}'"
+
+
 def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: bool = True) -> dict:
     started = time.time()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     for args in recipe.sweeps if train else []:
         _run([sys.executable, "run.py", "-m", *args, *overrides, f"hydra.sweep.dir={sweep_dir}"])
     for subdir, args in recipe.extra_runs if train else []:
-        _run([sys.executable, "run.py", *args, *overrides, f"hydra.run.dir={sweep_dir / subdir}"])
+        _run([sys.executable, "run.py", *args, *overrides, run_dir_override(sweep_dir / subdir)])
     if recipe.extra_runs and train:
         _run([sys.executable, "-m", "lowrank.results", "aggregate", str(sweep_dir)])
     for args in recipe.analyses:
@@ -52,6 +58,8 @@ def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: boo
     judged = [c for c in checks if c.holds is not None]
     headline = f"{recipe.name}: {sum(c.holds for c in judged)}/{len(judged)} paper claims hold"
     lines += ["", f"**{headline}**", ""]
+    if recipe.tables is not None:
+        lines += recipe.tables(sweep_dir)
     report = {"recipe": recipe.name, "artefact": recipe.artefact, "sweep_dir": str(sweep_dir), "wall_s": wall,
               "headline": headline, "overrides": overrides,
               "checks": [{"what": c.what, "ours": c.ours, "paper": c.paper, "holds": c.holds} for c in checks]}

@@ -49,6 +49,7 @@ class Recipe:
     sweep_name: str = ""                     # recipes that analyse the same sweep share its directory
     extra_runs: list[tuple[str, list[str]]] = field(default_factory=list)  # (run subdir, run.py args)
     collect: Callable[[Path], None] | None = None  # writes recipe-specific numbers into the sweep dir
+    tables: Callable[[Path], list[str]] | None = None  # extra report lines (markdown), e.g. the paper's table
 
     @property
     def sweep(self) -> str:
@@ -137,36 +138,89 @@ def _table7(d: Path) -> list[Check]:
     return checks
 
 
-def _tables(d: Path, which: str) -> list[Check]:
+def _read_table(d: Path, which: str):
     import pandas as pd
 
-    table = pd.read_csv(d / "analysis" / "tables" / f"{which}.csv")
-    checks = [Check(f"{which} row {i}", " | ".join(map(str, row.values))) for i, row in table.iterrows()]
-    if which == "table5":
-        values = _numeric_row(table)
-        if values:
-            best = max(values, key=values.get)
-            qv = values.get("Wq,Wv")
-            singles = [v for k, v in values.items() if "," not in k]
-            checks.append(Check("best weight type at the budget", best, "Wq,Wv or Wq,Wk,Wv,Wo",
-                                best in ("Wq,Wv", "Wq,Wk,Wv,Wo")))
-            if qv is not None and singles:
-                checks.append(Check("Wq,Wv (r=4) ≥ every single matrix (r=8)", qv, "yes", qv >= max(singles)))
-    return checks
+    return pd.read_csv(d / "analysis" / "tables" / f"{which}.csv", dtype=str, keep_default_na=False)
+
+
+def _markdown(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
 
 
 def _numeric_row(table) -> dict[str, float]:
     """The first task row of a Table 5 CSV ("mean ± std" cells) as {weight type: mean}."""
-    rows = table[table.iloc[:, 0].astype(str) != "Rank r"]
-    if rows.empty:
-        return {}
+    rows = table[table.iloc[:, 0] != "Rank r"]
     out = {}
-    for col, cell in rows.iloc[0].items():
+    for col, cell in (rows.iloc[0].items() if not rows.empty else ()):
         try:
             out[col] = float(str(cell).split("±")[0])
         except ValueError:
             continue
     return out
+
+
+def _table5(d: Path) -> list[Check]:
+    values = _numeric_row(_read_table(d, "table5"))
+    if not values:
+        return []
+    best = max(values, key=values.get)
+    checks = [Check("best weight type at the budget", best, "Wq,Wv or Wq,Wk,Wv,Wo", best in ("Wq,Wv", "Wq,Wk,Wv,Wo"))]
+    qv, singles = values.get("Wq,Wv"), [v for k, v in values.items() if "," not in k]
+    if qv is not None and singles:
+        checks.append(Check("Wq,Wv (r=4) ≥ every single matrix (r=8)", qv, "yes", qv >= max(singles)))
+    return checks
+
+
+def _table6(d: Path) -> list[Check]:
+    """LoRA §7.2 on Table 6: "a rank as small as one suffices for adapting both Wq and Wv … while training Wq
+    alone needs a larger r". Each check is computed on the paper's rows too, so the paper column says whether
+    the paper's own numbers pass the same test (WikiSQL / MultiNLI)."""
+    table = _read_table(d, "table6")
+    rank_cols = [c for c in table.columns if c.startswith("r=")]
+    ranks = [int(c[2:]) for c in rank_cols]
+    ours = {(row["Dataset"], row["Weight type"]): [float(str(row[c]).split("±")[0]) for c in rank_cols]
+            for _, row in table.iterrows()}
+    paper_ranks = ref.LORA_TABLE6["ranks"]
+    paper = {k: dict(zip(paper_ranks, v)) for k, v in ref.LORA_TABLE6["rows"].items()}
+
+    def tests(at: dict[int, float], q: dict[int, float]) -> tuple[float, float, bool]:
+        r1 = min(at)
+        return max(at.values()) - at[r1], max(q.values()) - q[r1], at[r1] > max(q.values())
+
+    checks = []
+    for task in dict.fromkeys(t for t, _ in ours):
+        qv, q = ours.get((task, "Wq,Wv")), ours.get((task, "Wq"))
+        if qv is None or q is None:
+            continue
+        gap_qv, gap_q, beats = tests(dict(zip(ranks, qv)), dict(zip(ranks, q)))
+        p = [tests(paper[(t, "Wq,Wv")], paper[(t, "Wq")]) for t in ("WikiSQL", "MultiNLI")]
+        r1 = min(ranks)
+        checks += [
+            Check(f"{task}: Wq,Wv at r={r1} within 1 point of its best r (gap)", gap_qv,
+                  " / ".join(f"{g:.1f}" for g, _, _ in p), gap_qv <= 1.0),
+            Check(f"{task}: Wq alone gains more from a larger r than Wq,Wv does (gain Wq vs Wq,Wv)",
+                  f"{gap_q:.1f} vs {gap_qv:.1f}", " / ".join(f"{pq:.1f} vs {pqv:.1f}" for pqv, pq, _ in p),
+                  gap_q > gap_qv),
+            Check(f"{task}: Wq,Wv at r={r1} beats Wq at every r", beats, " / ".join(str(b) for _, _, b in p), beats),
+        ]
+    return checks
+
+
+def table_markdown(d: Path, which: str) -> list[str]:
+    """Our table and the paper's, both as the paper lays them out (for the report)."""
+    table = _read_table(d, which)
+    paper = ref.LORA_TABLE5 if which == "table5" else ref.LORA_TABLE6
+    lines = ["", "Ours (SST-2 dev accuracy, %):", "", *_markdown(list(table.columns), table.values.tolist()),
+             "", f"Paper ({paper['source']}):", ""]
+    if which == "table5":
+        lines += _markdown(["Weight type", *paper["columns"]],
+                           [["Rank r", *paper["rank"]], *[[k, *v] for k, v in paper["rows"].items()]])
+    else:
+        lines += _markdown(["Dataset", "Weight type", *[f"r={r}" for r in paper["ranks"]]],
+                           [[t, w, *v] for (t, w), v in paper["rows"].items()])
+    return lines
 
 
 def _dora_fig2(d: Path) -> list[Check]:
@@ -252,10 +306,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            [["experiment=lora_table5", *QUICK],
             ["experiment=lora_table5", "targets=[q,k],[q,v]", "rank=4", *QUICK],
             ["experiment=lora_table5", "targets=[q,k,v,o]", "rank=2", *QUICK]],
-           [["tables"]], lambda d: _tables(d, "table5"), "7 runs × ~1.5 min (150 steps)"),
+           [["tables"]], _table5, "7 runs × ~1 min (150 steps)", tables=lambda d: table_markdown(d, "table5")),
     Recipe("lora_table6", "LoRA Table 6: accuracy by rank", ref.LORA_TABLE6,
-           [["experiment=lora_table6", *QUICK]], [["tables"]], lambda d: _tables(d, "table6"),
-           "15 runs × ~1.5 min (150 steps)"),
+           [["experiment=lora_table6", *QUICK]], [["tables"]], _table6, "15 runs × ~1 min (150 steps)",
+           tables=lambda d: table_markdown(d, "table6")),
     Recipe("dora_fig2", "DoRA Figure 2: magnitude vs direction over training", ref.DORA_FIG2,
            [["experiment=dora_fig2"]], [["decomposition"]], _dora_fig2, "3 runs × ~3 min",
            extra_runs=[("adapter=full", ["experiment=dora_fig2", "adapter=full", "trainer.lr=5e-5"])]),

@@ -49,6 +49,8 @@ class Family:
     targets: dict[str, str | tuple[str, Slicer]] = field(default_factory=dict)
 
 
+_ATTN = r"(?:self_attn|encoder_attn)\."  # OPT/BART/Whisper: self-attention and (seq2seq) cross-attention
+
 FAMILIES = (
     Family("bert", ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "ernie", "xmod"), {
         "q": r"attention\.self\.query", "k": r"attention\.self\.key", "v": r"attention\.self\.value",
@@ -74,7 +76,7 @@ FAMILIES = (
         "gate": r"mlp\.gate_proj", "up": r"mlp\.up_proj", "down": r"mlp\.down_proj",
     }),
     Family("opt", ("opt", "bart", "mbart", "blenderbot", "marian", "pegasus", "whisper"), {
-        "q": r"attn\.q_proj", "k": r"attn\.k_proj", "v": r"attn\.v_proj", "o": r"attn\.out_proj",
+        "q": _ATTN + r"q_proj", "k": _ATTN + r"k_proj", "v": _ATTN + r"v_proj", "o": _ATTN + r"out_proj",
         "up": r"fc1", "down": r"fc2",
     }),
     Family("gpt_neox", ("gpt_neox",), {

@@ -255,6 +255,23 @@ def test_dora_with_dropout_follows_peft_form():
     assert torch.allclose(y.double(), ref, atol=1e-5)
 
 
+def test_lora_dropout_acts_on_the_update_path_only():
+    base, x = make_base("linear")
+    layer = LoRA(base, 3, 7.0, dropout=0.5)
+    perturb(layer)
+    layer.train()
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    xd = F.dropout(x, 0.5, training=True)
+    BA = layer.lora_B.double() @ layer.lora_A.double()
+    ref = F.linear(x.double(), base.weight.double(), base.bias.double()) + (7 / 3) * F.linear(xd.double(), BA)
+    assert torch.allclose(y.double(), ref, atol=1e-5)
+    layer.eval()  # no dropout at evaluation: the merged weight reproduces the output
+    assert torch.allclose(layer(x).double(), F.linear(x.double(), base.weight.double() + (7 / 3) * BA,
+                                                      base.bias.double()), atol=1e-5)
+
+
 def test_rslora_scaling():
     base, _ = make_base("linear")
     assert LoRA(base, 4, 8, rslora=True).scaling == pytest.approx(8 / math.sqrt(4))

@@ -67,6 +67,27 @@ def test_paper_names_map_per_family():
                                                    "model.layers.1.mlp.down_proj"}
 
 
+@pytest.mark.parametrize("build", ["opt", "bart"])
+def test_opt_and_bart_attention_names(build):
+    if build == "opt":
+        config = transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                        num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=32)
+        model, per_layer = transformers.OPTForCausalLM(config), 1
+    else:
+        config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=4, decoder_attention_heads=4,
+                                         encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32)
+        model, per_layer = transformers.BartModel(config), None
+    lowrank.adapt(model, "lora", targets=["q", "v", "o"], rank=2)
+    names = set(lowrank.adapted_modules(model))
+    if build == "opt":
+        assert names == {f"model.decoder.layers.{i}.self_attn.{m}" for i in range(2)
+                         for m in ("q_proj", "v_proj", "out_proj")}
+    else:  # encoder self-attention, decoder self- and cross-attention
+        assert {n.rsplit(".", 2)[-2] for n in names} == {"self_attn", "encoder_attn"} and len(names) == 3 * 3
+    assert per_layer is None or len(names) == 3 * 2 * per_layer
+
+
 def test_gpt_neox_fused_slices_are_interleaved_per_head():
     model = tiny_gpt_neox()
     x = tokens()
@@ -118,6 +139,16 @@ def test_only_adapter_and_head_train_and_base_is_bit_identical(adapter):
                "flora": ("A_in", "A_out", "core"), "ia3": ("ia3_scale",), "bitfit": ("bias",), "head": ()}[adapter]
     for name in trained:
         assert name.startswith("classifier.") or name.endswith(allowed), name
+
+
+def test_full_fine_tuning_trains_every_weight():
+    model = tiny_bert()
+    total = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)  # adapt("full") must switch them back on
+    lowrank.adapt(model, "full")
+    assert lowrank.count_parameters(model) == (total, total)
+    assert not lowrank.adapted_modules(model)
 
 
 @pytest.mark.parametrize("adapter,per_matrix", [
@@ -173,6 +204,12 @@ def test_bad_input_raises_one_line_value_error(kwargs, fragment):
         lowrank.adapt(tiny_bert(), args.pop("adapter"), **args)
     message = str(err.value)
     assert fragment in message and "\n" not in message
+
+
+def test_no_matching_target_lists_the_candidates():
+    with pytest.raises(ValueError) as err:
+        lowrank.adapt(tiny_bert(), "lora", targets=["attn.q_proj"], rank=2)
+    assert "attention.self.query" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_architecture_lists_candidates():
@@ -267,3 +304,14 @@ def test_peft_format_roundtrip_both_ways(tmp_path, arch, use_dora):
     back = lowrank.load_peft(make(), tmp_path / "theirs")
     assert rel(out(back, x), out(theirs, x)) <= 1e-5
     assert lowrank.adapter_config(back)["adapter"] == adapter
+
+
+def test_import_lowrank_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, lowrank; heavy = [m for m in ('hydra', 'omegaconf', 'wandb', 'datasets') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "", f"import lowrank pulled in {done.stdout.strip()}"

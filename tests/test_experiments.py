@@ -47,3 +47,13 @@ def test_flora_recipe_end_to_end_on_smoke_budget(tmp_path):
     # a second call reuses the finished sweep instead of training again
     again = _experiments("flora_params", "--dir", str(tmp_path), "trainer=smoke", "logger=none", timeout=900)
     assert again.returncode == 0 and "already completed" in (again.stdout + again.stderr)
+
+
+def test_extra_run_directory_with_equals_sign_reaches_hydra(tmp_path):
+    from experiments.__main__ import run_dir_override
+
+    target = tmp_path / "dora_fig2" / "adapter=full"
+    done = subprocess.run([sys.executable, "run.py", "--cfg", "hydra", "-p", "hydra.run.dir",
+                           run_dir_override(target)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert str(target) in done.stdout
