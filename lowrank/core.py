@@ -66,7 +66,8 @@ def _make_layer(adapter: str, target: Target, rank, alpha, options) -> AdaptedLa
             return FusedLoRA(module, target.slices, rank, alpha, **kw)
         _check_rank_fits(rank, min(_features(module)), name)
         if adapter == "dora":
-            return DoRA(module, rank, alpha, norm=options.get("dora_norm", "detached"), **kw)
+            return DoRA(module, rank, alpha, norm=options.get("dora_norm", "detached"),
+                        fast=options.get("dora_fast", True), **kw)
         return LoRA(module, rank, alpha, **kw)
     if target.slices is not None:
         raise ValueError(f"{adapter} on slices of the fused projection {name!r} is not supported; use adapter=lora")
@@ -108,7 +109,8 @@ def adapt(model: nn.Module, adapter: str, *, targets: Iterable[str] | None = Non
         alpha: LoRA's α; the scaling is α/r (α/√r with ``rslora=True``). ``None`` means α = r.
         layers: layer indices to adapt (default: all).
         options: ``dropout`` (input dropout of the update branch, default 0), ``rslora``,
-            ``dora_norm`` ('detached', DoRA §4.3, default; or 'exact'), FLoRA ``scale`` and ``ranks``,
+            ``dora_norm`` ('detached', DoRA §4.3, default; or 'exact'), ``dora_fast`` (fold the scale
+            into the weights when training; same function, see lowrank/adapters/dora.py), FLoRA ``scale`` and ``ranks``,
             IA3 ``feedforward``, and ``train_modules`` (modules trained in full besides the adapter;
             default: a ``classifier``/``score``/``qa_outputs`` head if the model has one).
     """

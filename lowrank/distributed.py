@@ -12,7 +12,7 @@ then joins the process group (NCCL on GPUs, gloo on the CPU). The training loop 
 - average logged losses across ranks; only rank 0 evaluates, writes checkpoints, results and logs.
 
 Outside torchrun everything here is a no-op (world size 1). ``job_device`` gives each job of a
-parallel sweep on a multi-GPU machine (``hydra/launcher=joblib``) its own GPU.
+parallel sweep on a multi-GPU machine (``hydra/launcher=parallel``, joblib) its own GPU.
 """
 
 from __future__ import annotations
@@ -92,6 +92,28 @@ def current() -> World:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend)
     return World(rank, size, local_rank)
+
+
+def torchrun_overrides(argv: list[str], env=os.environ) -> list[str]:
+    """Hydra overrides that make a torchrun launch write one run directory, from rank 0 only.
+
+    Each process composes the config itself, so the default ``outputs/${now:...}`` could differ between
+    ranks started a second apart: without an explicit ``hydra.run.dir`` all ranks use
+    ``outputs/torchrun/<TORCHELASTIC_RUN_ID>`` (one id per launch). Ranks above 0 write neither
+    ``.hydra/`` nor ``run.log``.
+    """
+    if int(env.get("WORLD_SIZE", "1")) <= 1 or any(a in ("-m", "--multirun") for a in argv):
+        return []
+    extra = []
+    if not any(a.lstrip("+~").startswith("hydra.run.dir=") for a in argv):
+        run_id = env.get("TORCHELASTIC_RUN_ID")
+        if not run_id or run_id == "none":
+            raise ValueError("under torchrun without a rendezvous id the ranks cannot agree on a run directory; "
+                             "pass hydra.run.dir=outputs/<name> (or launch with torchrun --standalone)")
+        extra.append(f"hydra.run.dir=outputs/torchrun/{run_id}")
+    if int(env.get("RANK", "0")) > 0:
+        extra += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+    return extra
 
 
 def shutdown() -> None:

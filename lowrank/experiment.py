@@ -357,10 +357,14 @@ def preflight(argv: list[str], limit: int = 256) -> int:
 def cli(hydra_main) -> None:
     """``run.py``: preflight, then Hydra; exits 2 on a config error, 1 if a run failed, else 0."""
     _quiet_libraries()
+    from lowrank import distributed
+
     try:
         preflight(sys.argv[1:])
-    except ConfigError as e:
+        sys.argv += distributed.torchrun_overrides(sys.argv[1:])
+    except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     hydra_main()
+    distributed.shutdown()
     raise SystemExit(exit_status())

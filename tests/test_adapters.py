@@ -210,10 +210,10 @@ def test_dora_fast_row_norm_equals_formed_sum():
     assert torch.allclose(layer._row_norm().double(), v.norm(dim=1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["detached", "exact"])
-def test_dora_gradients_match_float64_autograd(norm):
+@pytest.mark.parametrize("norm,fast", [("detached", True), ("detached", False), ("exact", True)])
+def test_dora_gradients_match_float64_autograd(norm, fast):
     base, x = make_base("linear")
-    layer = DoRA(base, 3, 7.0, norm=norm)
+    layer = DoRA(base, 3, 7.0, norm=norm, fast=fast)
     perturb(layer)
     target = torch.randn(3, 5, 10)
     loss = ((layer(x) - target) ** 2).sum()
@@ -236,6 +236,44 @@ def test_dora_gradients_match_float64_autograd(norm):
     perturb(other)
     ((other(x) - target) ** 2).sum().backward()
     assert not torch.allclose(other.lora_A.grad, layer.lora_A.grad, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_nobias", "gpt2_conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_weight_scaled_path_matches_float64_formula(kind, dtype):
+    """The training fast path (scale folded into W0's and B's rows, lowrank.adapters.dora._ScaledLinear)
+    against the paper's formula in float64: output and the gradients of x, A, B and m."""
+    if kind == "gpt2_conv1d":
+        from transformers.pytorch_utils import Conv1D as HFConv1D
+        torch.manual_seed(0)
+        base, x = HFConv1D(10, 12), torch.randn(3, 5, 12)
+        with torch.no_grad():
+            for p in base.parameters():
+                p.normal_(0, 0.3)
+    else:
+        base, x = make_base(kind)
+    base.to(dtype)
+    layer = DoRA(base, 3, 7.0)
+    perturb(layer)
+    x = x.to(dtype).requires_grad_()
+    assert layer._weight_scaling_applies(x)
+    target = torch.randn(3, 5, 10)
+    y = layer(x)
+    ((y.float() - target) ** 2).sum().backward()
+
+    W0 = layer.base_matrix().detach().double()
+    b = None if base.bias is None else base.bias.detach().double()
+    A, B, m = (t.detach().double().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.magnitude))
+    xr = x.detach().double().requires_grad_()
+    V = W0 + (7.0 / 3) * B @ A
+    ref = F.linear(xr, m[:, None] * V / V.norm(dim=1, keepdim=True).detach(), b)
+    ((ref - target.double()) ** 2).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert ((y.double() - ref).norm() / ref.norm()).item() <= tol
+    for ours, want in ((x.grad, xr.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad),
+                       (layer.magnitude.grad, m.grad)):
+        assert ((ours.double() - want).norm() / want.norm()).item() <= tol
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == dtype
 
 
 def test_dora_with_dropout_follows_peft_form():

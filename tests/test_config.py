@@ -53,7 +53,7 @@ def test_adapt_kwargs_translation():
     kw = adapt_kwargs(validate(composed("adapter=dora", "rank=4", "alpha=16", "targets=[q,k,v,o]", "layers=[0,5]"),
                                check_data=False))
     assert kw == {"adapter": "dora", "targets": ["q", "k", "v", "o"], "rank": 4, "alpha": 16.0, "layers": [0, 5],
-                  "dropout": 0.0, "dora_norm": "detached"}
+                  "dropout": 0.0, "dora_norm": "detached", "dora_fast": True}
     # FLoRA's scale=null means "the library's default": it is not passed at all
     assert "scale" not in adapt_kwargs(validate(composed("adapter=flora"), check_data=False))
     # a bare value is a one-element list

@@ -58,3 +58,13 @@ def test_parallel_jobs_take_their_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [distributed.job_device("auto", n).index for n in range(6)] == [0, 1, 2, 3, 0, 1]
     assert distributed.job_device("cpu", 3).type == "cpu"
+
+
+def test_torchrun_ranks_share_one_run_dir_and_only_rank_0_writes_hydra_files():
+    env = {"WORLD_SIZE": "2", "RANK": "1", "TORCHELASTIC_RUN_ID": "abc"}
+    assert distributed.torchrun_overrides(["rank=4"], env) == [
+        "hydra.run.dir=outputs/torchrun/abc", "hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+    assert distributed.torchrun_overrides(["hydra.run.dir=x"], {**env, "RANK": "0"}) == []
+    assert distributed.torchrun_overrides(["rank=4"], {}) == []  # not under torchrun
+    with pytest.raises(ValueError, match="pass hydra.run.dir="):
+        distributed.torchrun_overrides([], {"WORLD_SIZE": "2", "RANK": "0"})

@@ -27,7 +27,7 @@ class AdapterSpec:
 ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
     AdapterSpec("lora", "LoRA, Hu et al. 2021: W0 + (α/r) B A", True, True, ("dropout", "rslora")),
     AdapterSpec("dora", "DoRA, Liu et al. 2024: m (W0 + ΔW) / ‖W0 + ΔW‖_c", True, True,
-                ("dropout", "rslora", "dora_norm")),
+                ("dropout", "rslora", "dora_norm", "dora_fast")),
     AdapterSpec("flora", "FLoRA, Si et al. 2024: Tucker core, s · G ×1 A_in ×2 A_out (×3 ×4 for convs)", True, True,
                 ("dropout", "scale", "ranks")),
     AdapterSpec("ia3", "(IA)3, Liu et al. 2022: learned rescaling of k, v and the FFN activation", True, False,

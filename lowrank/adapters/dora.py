@@ -14,11 +14,21 @@ alike. Two costs are avoided on the hot path:
 - W0 x is taken from the base layer's own output (minus its bias) instead of a second matmul, unless
   dropout is active, where PEFT's form is used: base(x) + (m/‖·‖ − 1)·W0 x̃ + (m/‖·‖)·sBA x̃ for the
   dropped-out input x̃.
+
+On a frozen ``nn.Linear``/``Conv1D`` without dropout, training with the detached norm (the default), the
+scale c = m/‖W0 + sBA‖_c is folded into the *weights* instead of the activations (``_ScaledLinear``):
+y = x (c⊙W0)ᵀ + s·(A x)ᵀ(c⊙B)ᵀ + b. Scaling out rows of W0 and B costs out·(in + r) multiplies per step
+instead of a pass over every token's output in the forward and over its gradient in the backward; the
+magnitude's gradient is then Σ_tokens g ⊙ (y − b) / m (since (y − b)/c = (W0 + sBA) x), one reduction
+over the output and its gradient. ``fast=False`` keeps the activation-scaling form everywhere.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowrank.adapters.base import apply_matrix, per_channel, to_native
@@ -27,17 +37,60 @@ from lowrank.adapters.lora import LoRA
 NORMS = ("detached", "exact")
 
 
+class _ScaledLinear(torch.autograd.Function):
+    """y = x (c⊙W0)ᵀ + s (x Aᵀ)(c⊙B)ᵀ + b with c = m / norm (norm a constant); gradients for x, A, B, m."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, w0, bias, A, B, magnitude, norm, s: float):
+        dtype = x.dtype
+        c = magnitude / norm                                        # (out,) float32
+        cw = (w0.float() * c[:, None]).to(dtype)                     # (out, in): rows of W0 scaled
+        cb = (B * (s * c)[:, None]).to(dtype)                        # (out, r)
+        a = A.to(dtype)
+        h = F.linear(x, a)                                           # (..., r)
+        y = F.linear(x, cw, bias) + F.linear(h, cb)
+        ctx.save_for_backward(x, cw, a, cb, h, y, bias, magnitude, c)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g):
+        x, cw, a, cb, h, y, bias, magnitude, c = ctx.saved_tensors
+        g2, x2, h2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+        gh = g2 @ cb                                                 # (T, r): gradient into A x, times s·c
+        grad_x = (g2 @ cw + gh @ a).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_A = (gh.t() @ x2).float()
+        grad_B = (g2.t() @ h2).float() * (ctx.s * c)[:, None]
+        out = y.reshape(-1, y.shape[-1])
+        if bias is not None:
+            out = out - bias
+        grad_m = (g2.float() * out.float()).sum(0) / magnitude      # Σ g ⊙ (W0 + sBA) x / ‖·‖
+        grad_bias = g2.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None
+
+
+def _plain_matmul_layer(base: nn.Module) -> bool:
+    """An nn.Linear or transformers' Conv1D whose forward is the stock one (not quantised, not patched)."""
+    if type(base) is nn.Linear:
+        return True
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return conv1d is not None and type(base) is conv1d
+
+
 class DoRA(LoRA):
     adapter_name = "dora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *, dropout: float = 0.0,
-                 rslora: bool = False, norm: str = "detached"):
+                 rslora: bool = False, norm: str = "detached", fast: bool = True):
         if norm not in NORMS:
             raise ValueError(f"dora_norm={norm!r} is not one of {NORMS}; use 'detached' (DoRA §4.3) or 'exact'")
         super().__init__(base, rank, alpha, dropout=dropout, rslora=rslora)
         if self.kind == "embedding":
             raise ValueError("DoRA on an nn.Embedding is not supported; adapt it with 'lora' instead")
         self.norm = norm
+        self.fast = fast and _plain_matmul_layer(base)
         w0 = self.base_matrix().detach().float()
         self.magnitude = nn.Parameter(w0.norm(dim=1))
         # ‖W0‖² per row, cached (W0 is frozen); dropped while merged because the base weight changes.
@@ -81,7 +134,22 @@ class DoRA(LoRA):
         with torch.no_grad():
             return super()._update_matrix().float()
 
+    def _weight_scaling_applies(self, x: torch.Tensor) -> bool:
+        """Fold the scale into the weights (``_ScaledLinear``)? Only where it is the same function and the
+        same gradients: training, detached norm, no dropout, a frozen plain matmul layer, and no autocast
+        other than CUDA's (the Function is registered for CUDA autocast)."""
+        return (self.fast and self.training and self.norm == "detached" and not self.merged
+                and isinstance(self.lora_dropout, nn.Identity) and not self.base.weight.requires_grad
+                and torch.is_grad_enabled() and x.is_floating_point()
+                and (x.device.type == "cuda" or not torch.is_autocast_enabled(x.device.type)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_scaling_applies(x):
+            with torch.no_grad():
+                norm = self._row_norm()
+            bias = self.base.bias
+            return _ScaledLinear.apply(x, self.base_matrix(), bias, self.lora_A, self.lora_B, self.magnitude,
+                                       norm, self.scaling)
         y = self.base(x)
         if self.merged:
             return y
