@@ -72,7 +72,7 @@ def _make_layer(adapter: str, target: Target, rank, alpha, options) -> AdaptedLa
     if target.slices is not None:
         raise ValueError(f"{adapter} on slices of the fused projection {name!r} is not supported; use adapter=lora")
     if adapter == "flora":
-        return FLoRA(module, options.get("ranks") or rank, scale=options.get("scale"),
+        return FLoRA(module, options.get("ranks") or rank, scale=options.get("scale"), alpha=alpha,
                      dropout=options.get("dropout", 0.0))
     feedforward = options.get("feedforward")
     if feedforward is None:

@@ -329,7 +329,9 @@ def test_flora_core_starts_at_zero_and_factors_are_kaiming():
     assert torch.count_nonzero(layer.core) == 0 and layer.core.shape == (4, 4, 2, 2)
     assert layer.A_kh.shape == (3, 2) and layer.A_in.shape == (6, 4) and layer.A_out.shape == (8, 4)
     assert layer.scaling == 4.0
-    assert FLoRA(make_base("linear")[0], 4).scaling == pytest.approx(0.04)
+    assert FLoRA(make_base("linear")[0], 4).scaling == pytest.approx(1.0)            # α = r
+    assert FLoRA(make_base("linear")[0], 4, alpha=8).scaling == pytest.approx(2.0)   # α / r, as LoRA
+    assert FLoRA(make_base("linear")[0], 4, alpha=8, scale=0.04).scaling == pytest.approx(0.04)
 
 
 def test_fused_gpt2_qv_leaves_k_slice_exactly_zero():
