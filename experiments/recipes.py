@@ -293,7 +293,7 @@ QUICK = ["trainer.max_steps=150", "trainer.eval_every=150", "trainer.checkpoint_
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lora_fig3", "LoRA Figure 3: φ(A_r=8, A_r=64) for ΔWq, ΔWv", ref.LORA_FIG3,
-           [["experiment=lora_fig3"]], [["subspace"]], _fig3, "4 runs × ~3 min", sweep_name="lora_fig3"),
+           [["experiment=lora_fig3"]], [["subspace"]], _fig3, "4 runs × ~1.5 min", sweep_name="lora_fig3"),
     Recipe("lora_fig4", "LoRA Figure 4: two seeds at r=64 and random Gaussian", ref.LORA_FIG4,
            [["experiment=lora_fig3"]], [["seeds"]], _fig4, "shares lora_fig3's sweep", sweep_name="lora_fig3"),
     Recipe("lora_fig6_7", "LoRA Figures 6-7: Figures 3-4 across layers", ref.LORA_FIG6_7,
@@ -301,7 +301,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("lora_fig8", "LoRA Figure 8: W's top singular directions vs ΔW's", ref.LORA_FIG8,
            [["experiment=lora_fig3"]], [["wsubspace"]], _fig8, "shares lora_fig3's sweep", sweep_name="lora_fig3"),
     Recipe("lora_table7", "LoRA Table 7: ΔW amplifies directions of W", ref.LORA_TABLE7,
-           [["experiment=lora_table7"]], [["amplification"]], _table7, "2 runs × ~3 min"),
+           [["experiment=lora_table7"]], [["amplification"]], _table7, "2 runs × ~1.5 min"),
     Recipe("lora_table5", "LoRA Table 5: which matrices under a fixed budget", ref.LORA_TABLE5,
            [["experiment=lora_table5", *QUICK],
             ["experiment=lora_table5", "targets=[q,k],[q,v]", "rank=4", *QUICK],
@@ -311,9 +311,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            [["experiment=lora_table6", *QUICK]], [["tables"]], _table6, "15 runs × ~1 min (150 steps)",
            tables=lambda d: table_markdown(d, "table6")),
     Recipe("dora_fig2", "DoRA Figure 2: magnitude vs direction over training", ref.DORA_FIG2,
-           [["experiment=dora_fig2"]], [["decomposition"]], _dora_fig2, "3 runs × ~3 min",
+           [["experiment=dora_fig2"]], [["decomposition"]], _dora_fig2, "3 runs × ~1.5 min",
            extra_runs=[("adapter=full", ["experiment=dora_fig2", "adapter=full", "trainer.lr=5e-5"])]),
     Recipe("flora_params", "FLoRA vs LoRA at equal trainable parameters (linear and convolution)",
            ref.FLORA_PARAMS, [["adapter=lora,flora", "rank=8", *QUICK]], [],
-           _flora, "2 runs × ~1.5 min + parameter counts", collect=lambda d: flora_params(d)),
+           _flora, "2 runs × ~1 min + parameter counts", collect=lambda d: flora_params(d)),
 )}
