@@ -276,15 +276,20 @@ def test_dora_weight_scaled_path_matches_float64_formula(kind, dtype):
     assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == dtype
 
 
-def test_dora_with_dropout_follows_peft_form():
+def _with_dropout(cls):
+    """A perturbed layer with input dropout 0.5 in training mode, its output, and the same dropped input."""
     base, x = make_base("linear")
-    layer = DoRA(base, 3, 7.0, dropout=0.5)
+    layer = cls(base, 3, 7.0, dropout=0.5)
     perturb(layer)
     layer.train()
     torch.manual_seed(5)
     y = layer(x)
     torch.manual_seed(5)
-    xd = F.dropout(x, 0.5, training=True)
+    return layer, base, x, y, F.dropout(x, 0.5, training=True)
+
+
+def test_dora_with_dropout_follows_peft_form():
+    layer, base, x, y, xd = _with_dropout(DoRA)
     W0, b = base.weight.double(), base.bias.double()
     V = W0 + (7 / 3) * layer.lora_B.double() @ layer.lora_A.double()
     scale = layer.magnitude.double() / V.norm(dim=1)
@@ -294,14 +299,7 @@ def test_dora_with_dropout_follows_peft_form():
 
 
 def test_lora_dropout_acts_on_the_update_path_only():
-    base, x = make_base("linear")
-    layer = LoRA(base, 3, 7.0, dropout=0.5)
-    perturb(layer)
-    layer.train()
-    torch.manual_seed(5)
-    y = layer(x)
-    torch.manual_seed(5)
-    xd = F.dropout(x, 0.5, training=True)
+    layer, base, x, y, xd = _with_dropout(LoRA)
     BA = layer.lora_B.double() @ layer.lora_A.double()
     ref = F.linear(x.double(), base.weight.double(), base.bias.double()) + (7 / 3) * F.linear(xd.double(), BA)
     assert torch.allclose(y.double(), ref, atol=1e-5)
