@@ -149,13 +149,20 @@ def _markdown(header: list[str], rows: list[list]) -> list[str]:
             *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
 
 
+def _mean(cell) -> float:
+    """The mean of a table cell written "mean" or "mean ± std"."""
+    return float(str(cell).split("±")[0])
+
+
 def _numeric_row(table) -> dict[str, float]:
-    """The first task row of a Table 5 CSV ("mean ± std" cells) as {weight type: mean}."""
+    """The first task row of a Table 5 CSV as {weight type: mean}."""
     rows = table[table.iloc[:, 0] != "Rank r"]
+    if rows.empty:
+        return {}
     out = {}
-    for col, cell in (rows.iloc[0].items() if not rows.empty else ()):
+    for col, cell in rows.iloc[0].items():
         try:
-            out[col] = float(str(cell).split("±")[0])
+            out[col] = _mean(cell)
         except ValueError:
             continue
     return out
@@ -180,7 +187,7 @@ def _table6(d: Path) -> list[Check]:
     table = _read_table(d, "table6")
     rank_cols = [c for c in table.columns if c.startswith("r=")]
     ranks = [int(c[2:]) for c in rank_cols]
-    ours = {(row["Dataset"], row["Weight type"]): [float(str(row[c]).split("±")[0]) for c in rank_cols]
+    ours = {(row["Dataset"], row["Weight type"]): [_mean(row[c]) for c in rank_cols]
             for _, row in table.iterrows()}
     paper_ranks = ref.LORA_TABLE6["ranks"]
     paper = {k: dict(zip(paper_ranks, v)) for k, v in ref.LORA_TABLE6["rows"].items()}

@@ -19,8 +19,8 @@ On a frozen ``nn.Linear``/``Conv1D`` without dropout, training with the detached
 scale c = m/‖W0 + sBA‖_c is folded into the *weights* instead of the activations (``_ScaledLinear``):
 y = x (c⊙W0)ᵀ + s·(A x)ᵀ(c⊙B)ᵀ + b. Scaling out rows of W0 and B costs out·(in + r) multiplies per step
 instead of a pass over every token's output in the forward and over its gradient in the backward; the
-magnitude's gradient is then Σ_tokens g ⊙ (y − b) / m (since (y − b)/c = (W0 + sBA) x), one reduction
-over the output and its gradient. ``fast=False`` keeps the activation-scaling form everywhere.
+scale's gradient is then Σ_tokens g ⊙ (y − b) / c (since (y − b)/c = (W0 + sBA) x), one reduction over
+the output and its gradient. ``fast=False`` keeps the activation-scaling form everywhere.
 """
 
 from __future__ import annotations
@@ -38,26 +38,26 @@ NORMS = ("detached", "exact")
 
 
 class _ScaledLinear(torch.autograd.Function):
-    """y = x (c⊙W0)ᵀ + s (x Aᵀ)(c⊙B)ᵀ + b with c = m / norm (norm a constant); gradients for x, A, B, m."""
+    """y = x (c⊙W0)ᵀ + s (x Aᵀ)(c⊙B)ᵀ + b for a per-row scale c; gradients for x, A, B and c (autograd
+    carries c's gradient on to the magnitude through ``DoRA._scale``)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w0, bias, A, B, magnitude, norm, s: float):
+    def forward(ctx, x, w0, bias, A, B, c, s: float):
         dtype = x.dtype
-        c = magnitude / norm                                        # (out,) float32
         cw = (w0.float() * c[:, None]).to(dtype)                     # (out, in): rows of W0 scaled
         cb = (B * (s * c)[:, None]).to(dtype)                        # (out, r)
         a = A.to(dtype)
         h = F.linear(x, a)                                           # (..., r)
         y = F.linear(x, cw, bias) + F.linear(h, cb)
-        ctx.save_for_backward(x, cw, a, cb, h, y, bias, magnitude, c)
+        ctx.save_for_backward(x, cw, a, cb, h, y, bias, c)
         ctx.s = s
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g):
-        x, cw, a, cb, h, y, bias, magnitude, c = ctx.saved_tensors
+        x, cw, a, cb, h, y, bias, c = ctx.saved_tensors
         g2, x2, h2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
         gh = g2 @ cb                                                 # (T, r): gradient into A x, times s·c
         grad_x = (g2 @ cw + gh @ a).view_as(x) if ctx.needs_input_grad[0] else None
@@ -66,9 +66,9 @@ class _ScaledLinear(torch.autograd.Function):
         out = y.reshape(-1, y.shape[-1])
         if bias is not None:
             out = out - bias
-        grad_m = (g2.float() * out.float()).sum(0) / magnitude      # Σ g ⊙ (W0 + sBA) x / ‖·‖
+        grad_c = (g2.float() * out.float()).sum(0) / c             # Σ g ⊙ (W0 + sBA) x
         grad_bias = g2.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_c, None
 
 
 def _plain_matmul_layer(base: nn.Module) -> bool:
@@ -108,10 +108,7 @@ class DoRA(LoRA):
 
     def _scale(self) -> torch.Tensor:
         """m / ‖W0 + ΔW‖_c, with the norm detached unless ``norm='exact'``."""
-        if self.norm == "detached":
-            with torch.no_grad():
-                norm = self._row_norm()
-        else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.norm == "exact"):
             norm = self._row_norm()
         return self.magnitude / norm
 
@@ -145,11 +142,8 @@ class DoRA(LoRA):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_scaling_applies(x):
-            with torch.no_grad():
-                norm = self._row_norm()
-            bias = self.base.bias
-            return _ScaledLinear.apply(x, self.base_matrix(), bias, self.lora_A, self.lora_B, self.magnitude,
-                                       norm, self.scaling)
+            return _ScaledLinear.apply(x, self.base_matrix(), self.base.bias, self.lora_A, self.lora_B,
+                                       self._scale(), self.scaling)
         y = self.base(x)
         if self.merged:
             return y
