@@ -4,10 +4,10 @@
     python run.py -m adapter=lora,dora rank=4,8,64     # six runs under multirun/<date>/<time>/
     python run.py -m experiment=lora_fig3              # a paper preset's sweep
     python run.py --cfg job                            # print the composed config
-    python -m lowrank.results aggregate <sweep_dir>    # rebuild a sweep's table
+    python -m lowrank.runner.results aggregate <sweep_dir>    # rebuild a sweep's table
 
 Re-running a command with the same hydra.run.dir / hydra.sweep.dir skips completed runs and resumes
-interrupted ones. What each run writes: lowrank/experiment.py; the config schema: lowrank/config.py.
+interrupted ones. What each run writes: lowrank/runner/app.py; the config schema: lowrank/runner/config.py.
 """
 
 import os
@@ -20,13 +20,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lowrank import experiment  # noqa: E402
+from lowrank.runner import app  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    return experiment.main(cfg)
+    return app.main(cfg)
 
 
 if __name__ == "__main__":
-    experiment.cli(main)
+    app.cli(main)

@@ -7,7 +7,7 @@ Maths on plain arrays or tensors (float64, no files, no training code):
     analysis.decomposition.magnitude_direction(W0, W) DoRA §3.2 (ΔM, ΔD)              DoRA Figure 2
     analysis.tables                                  LoRA Tables 5-7 from a sweep
 
-Edges: `analysis.inputs` reads run directories through `lowrank.results` only; `analysis.figures` draws
+Edges: `analysis.inputs` reads run directories through `lowrank.runner.results` only; `analysis.figures` draws
 paper-style figures; ``python -m analysis <analysis> <run or sweep dirs>`` writes them beside the sweep.
 """
 

@@ -257,7 +257,7 @@ def amplification_study(
 
     base_weights: {module: W0 (out, in)}. updates: {label (e.g. the run's rank): {module: update}}, each
     update either a formed ΔW (then `r` is required) or LoRA factors {"A", "B", "scaling"} as returned
-    by `lowrank.results.Run.factors()`. Returns a long DataFrame: one row per (label, module) with
+    by `lowrank.runner.results.Run.factors()`. Returns a long DataFrame: one row per (label, module) with
     module, layer, matrix, label and the `ROW_KEYS`. `jobs` > 1 spreads the modules over that many
     worker processes (one BLAS thread each); the rows are the same as with jobs=1.
     """

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowrank.atomic import write_json
+
 __all__ = ["main", "build_parser", "ANALYSES"]
 
 METHOD_NAMES = {"full": "FT", "ft": "FT", "lora": "LoRA", "dora": "DoRA"}
@@ -144,9 +146,7 @@ def _two_seeds(runs, rank, seeds):
 
 
 def _write_summary(out: Path, summary: dict) -> Path:
-    p = out / "summary.json"
-    p.write_text(json.dumps(summary, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
-    return p
+    return write_json(out / "summary.json", summary)
 
 
 def _finish(args, infos, name, out, files, summary, tables=None):

@@ -1,8 +1,8 @@
-"""Run and sweep directories → the arrays the analyses need, through `lowrank.results` only.
+"""Run and sweep directories → the arrays the analyses need, through `lowrank.runner.results` only.
 
 Owns: finding run directories under the paths a user gives, describing a run by its config (adapter,
 rank, seed, targets, task), choosing runs (r=8 vs r=64, two seeds), and re-keying a run's per-module
-tensors by (layer, matrix kind). Never imports training code: `lowrank.results` is the one door.
+tensors by (layer, matrix kind). Never imports training code: `lowrank.runner.results` is the one door.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.names import parse_module_name
+from lowrank.runner.rundir import run_dirs
 
 __all__ = [
     "RunInfo",
@@ -30,7 +31,7 @@ __all__ = [
 class RunInfo:
     """A loaded run and the config values the analyses select on."""
 
-    run: object  # lowrank.results.Run
+    run: object  # lowrank.runner.results.Run
     adapter: str
     rank: int | None
     alpha: float | None
@@ -60,10 +61,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         p = Path(p)
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist; pass a run directory or a sweep directory (multirun/...)")
-        if (p / "result.json").is_file():
-            found[p.resolve()] = None
-            continue
-        hits = sorted(q.parent.resolve() for q in p.rglob("result.json"))
+        hits = [q.resolve() for q in run_dirs(p, finished_only=True)]
         if not hits:
             raise FileNotFoundError(f"no run directory (with result.json) under {p}; did the runs finish?")
         for h in hits:
@@ -87,7 +85,7 @@ def _get(cfg: Mapping, *keys, default=None):
 
 
 def describe(run) -> RunInfo:
-    """The selection keys of a loaded `lowrank.results.Run`."""
+    """The selection keys of a loaded `lowrank.runner.results.Run`."""
     cfg = run.config or {}
     adapter = _get(cfg, "adapter.name", "adapter", default="?")
     if isinstance(adapter, Mapping):
@@ -115,11 +113,11 @@ def describe(run) -> RunInfo:
 
 
 def load_runs(paths: Iterable[str | Path], *, completed_only: bool = True, progress: bool = False) -> list[RunInfo]:
-    """Load every run under `paths` through `lowrank.results.load_run`."""
+    """Load every run under `paths` through `lowrank.runner.results.load_run`."""
     try:
-        from lowrank.results import load_run
+        from lowrank.runner.results import load_run
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(f"lowrank.results is not importable ({e}); install the project with `make setup`") from e
+        raise ImportError(f"lowrank.runner.results is not importable ({e}); install the project with `make setup`") from e
     dirs = find_run_dirs(paths)
     it = dirs
     if progress:
@@ -189,14 +187,14 @@ def sweep_root(paths: Sequence[str | Path], infos: Sequence[RunInfo] = ()) -> Pa
 
 
 def load_sweep_table(paths: Sequence[str | Path], *, fill: Sequence[str] = ("adapter", "targets", "rank", "seed", "task")):
-    """The aggregate table of one or more sweep directories (`lowrank.results.load_sweep`), concatenated.
+    """The aggregate table of one or more sweep directories (`lowrank.runner.results.load_sweep`), concatenated.
 
     The table holds only the keys a sweep varied; the `fill` keys it lacks (e.g. targets when only rank
     was swept) are read from each run's resolved config so that Tables 5-6 can group on them.
     """
     import pandas as pd
 
-    from lowrank.results import load_run, load_sweep
+    from lowrank.runner.results import load_run, load_sweep
 
     frames = []
     for p in paths:

@@ -1,6 +1,6 @@
 """LoRA Tables 5-6 (which weights, which rank) from a sweep's aggregate table, plus table output.
 
-Input is the DataFrame of `lowrank.results.load_sweep` (one row per run: swept keys, metrics, status).
+Input is the DataFrame of `lowrank.runner.results.load_sweep` (one row per run: swept keys, metrics, status).
 Table 5 compares weight types under a fixed trainable-parameter budget: with a budget of b "rank units"
 per layer, a run adapting n matrices at rank r is on budget when n·r = b (b=8: Wq r=8, Wq,Wv r=4,
 Wq,Wk,Wv,Wo r=2). Table 6 shows the metric by rank for each weight type. Cells are mean ± std over
@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.names import KINDS
+from lowrank.atomic import write_text
 
 __all__ = [
     "targets_label",
@@ -299,9 +300,9 @@ def write_table(df: pd.DataFrame, stem: str | Path, *, digits: int = 2, caption:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")]
     md = (f"{caption}\n\n" if caption else "") + to_markdown(df, digits=digits)
-    paths[0].write_text(md)
-    paths[1].write_text(to_latex(df, digits=digits, caption=caption))
-    df.to_csv(paths[2])
+    write_text(paths[0], md)
+    write_text(paths[1], to_latex(df, digits=digits, caption=caption))
+    write_text(paths[2], df.to_csv())
     return paths
 
 

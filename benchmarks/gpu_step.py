@@ -8,8 +8,8 @@ copy of it. A variant is ``impl:adapter:base``:
 - ``adapter``: ``lora``, ``dora`` (both sides) or ``flora`` (ours only).
 - ``base``: what the frozen base model gets, identical for both impls —
   ``plain`` (eager transformers, the model's own loss), ``fused`` (eager, fused linear
-  cross-entropy: ``lowrank.accel.causal_lm_loss``), ``liger`` (Liger RMSNorm/SwiGLU/RoPE + fused loss),
-  ``compile`` (``lowrank.accel.compile``: regional torch.compile of the blocks + fused loss),
+  cross-entropy: ``lowrank.runner.accel.causal_lm_loss``), ``liger`` (Liger RMSNorm/SwiGLU/RoPE + fused loss),
+  ``compile`` (``lowrank.runner.accel.compile``: regional torch.compile of the blocks + fused loss),
   ``liger+compile``.
 
 For every (rank, targets) setting and adapter, one set of adapter weights (seeded; B random, not zero,
@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lowrank  # noqa: E402
-from lowrank import accel  # noqa: E402
+from lowrank.runner import accel  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # presets

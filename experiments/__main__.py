@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from experiments.recipes import RECIPES, Recipe
+from lowrank.atomic import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: boo
     for subdir, args in recipe.extra_runs if train else []:
         _run([sys.executable, "run.py", *args, *overrides, run_dir_override(sweep_dir / subdir)])
     if recipe.extra_runs and train:
-        _run([sys.executable, "-m", "lowrank.results", "aggregate", str(sweep_dir)])
+        _run([sys.executable, "-m", "lowrank.runner.results", "aggregate", str(sweep_dir)])
     for args in recipe.analyses:
         _run([sys.executable, "-m", "analysis", *args, str(sweep_dir), "--no-progress"])
     if recipe.collect is not None:
@@ -64,11 +65,8 @@ def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: boo
               "headline": headline, "overrides": overrides,
               "checks": [{"what": c.what, "ours": c.ours, "paper": c.paper, "holds": c.holds} for c in checks]}
     stem = sweep_dir / f"report_{recipe.name}"
-    for path, text in ((stem.with_suffix(".md"), "\n".join(lines)),
-                       (stem.with_suffix(".json"), json.dumps(report, indent=2, default=str))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+    write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_json(stem.with_suffix(".json"), report)
     print("\n".join(lines))
     return report
 

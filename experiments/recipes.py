@@ -4,7 +4,7 @@ reference numbers and the qualitative claims to check.
 A recipe never reaches into training code: it runs ``run.py`` (which skips completed jobs and resumes
 interrupted ones, so a finished sweep is reused, not re-trained), then ``python -m analysis`` on the
 sweep directory, then reads the analysis' ``summary.json`` (or the sweep table through
-``lowrank.results``) to write a report of our numbers beside the paper's.
+``lowrank.runner.results``) to write a report of our numbers beside the paper's.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def flora_params(sweep_dir: Path) -> None:
     from torch import nn
 
     from lowrank.adapters import FLoRA, LoRA
-    from lowrank.results import load_sweep
+    from lowrank.runner.results import load_sweep
 
     def trainable(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -9,8 +9,8 @@ The public API is small and framework-free (no Hydra, W&B or datasets import her
     lowrank.save_peft(model, "run/peft")         # PEFT's on-disk format (LoRA, DoRA)
 
 Everything experiment-shaped (Hydra app, data, training loop, results) lives in submodules that are
-imported on demand: ``lowrank.experiment``, ``lowrank.train``, ``lowrank.data``, ``lowrank.models``,
-``lowrank.results``.
+imported on demand: ``lowrank.runner.app``, ``lowrank.runner.train``, ``lowrank.runner.data``, ``lowrank.runner.models``,
+``lowrank.runner.results``.
 """
 
 from lowrank.adapters import ADAPTERS, AdaptedLayer

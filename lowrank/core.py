@@ -15,15 +15,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lowrank.adapters import ADAPTERS, DoRA, FLoRA, FusedLoRA, IA3, LoRA
+from lowrank.adapters import spec as adapter_spec
 from lowrank.adapters.base import AdaptedLayer
-from lowrank.targeting import Target, resolve
+from lowrank.targeting import resolve
 
 #: Task heads that ``adapt`` keeps trainable when ``train_modules`` is not given (PEFT's SEQ_CLS choice).
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
 CONFIG_ATTR = "lowrank_config"
-DEFAULT_TARGETS = {"ia3": ("k", "v", "down")}
-FEEDFORWARD_NAMES = ("down",)
 
 
 def _check_rank(rank) -> None:
@@ -53,44 +51,6 @@ def _head_names(model: nn.Module, train_modules) -> list[str]:
     return [name for name, _ in model.named_children() if name in HEAD_NAMES]
 
 
-def _make_layer(adapter: str, target: Target, rank, alpha, options) -> AdaptedLayer:
-    module, name = target.module, target.name
-    if adapter in ("lora", "dora"):
-        kw = {"dropout": options.get("dropout", 0.0), "rslora": options.get("rslora", False)}
-        if target.slices is not None:
-            if adapter == "dora":
-                raise ValueError(f"dora on a subset of the fused projection {name!r} is not supported; "
-                                 f"use adapter=lora there, or a model with separate q/k/v projections")
-            smallest = min(len(rows) for rows in target.slices.values())
-            _check_rank_fits(rank, min(_features(module)[0], smallest), name)
-            return FusedLoRA(module, target.slices, rank, alpha, **kw)
-        _check_rank_fits(rank, min(_features(module)), name)
-        if adapter == "dora":
-            return DoRA(module, rank, alpha, norm=options.get("dora_norm", "detached"),
-                        fast=options.get("dora_fast", True), **kw)
-        return LoRA(module, rank, alpha, **kw)
-    if target.slices is not None:
-        raise ValueError(f"{adapter} on slices of the fused projection {name!r} is not supported; use adapter=lora")
-    if adapter == "flora":
-        return FLoRA(module, options.get("ranks") or rank, scale=options.get("scale"), alpha=alpha,
-                     dropout=options.get("dropout", 0.0))
-    feedforward = options.get("feedforward")
-    if feedforward is None:
-        feedforward = any(n in FEEDFORWARD_NAMES for n in target.paper_names)
-    return IA3(module, feedforward=bool(feedforward))
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    from lowrank.adapters.base import features, layer_kind
-    return features(module, layer_kind(module))
-
-
-def _check_rank_fits(rank: int, limit: int, name: str) -> None:
-    if rank > limit:
-        raise ValueError(f"rank={rank} exceeds min(in_features, out_features)={limit} of {name!r}; "
-                         f"choose rank <= {limit}")
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -114,9 +74,7 @@ def adapt(model: nn.Module, adapter: str, *, targets: Iterable[str] | None = Non
             IA3 ``feedforward``, and ``train_modules`` (modules trained in full besides the adapter;
             default: a ``classifier``/``score``/``qa_outputs`` head if the model has one).
     """
-    spec = ADAPTERS.get(adapter)
-    if spec is None:
-        raise ValueError(f"unknown adapter {adapter!r}; choose one of: {', '.join(ADAPTERS)}")
+    spec = adapter_spec(adapter)
     if getattr(model, CONFIG_ATTR, None) is not None:
         raise ValueError(f"model is already adapted with {getattr(model, CONFIG_ATTR)['adapter']!r}; "
                          f"adapt a fresh copy of the base model")
@@ -134,21 +92,17 @@ def adapt(model: nn.Module, adapter: str, *, targets: Iterable[str] | None = Non
         raise ValueError(f"adapter='head' found no task head on {type(model).__name__}; pass "
                          f"train_modules=[<head module name>]")
 
-    for p in model.parameters():
-        p.requires_grad_(adapter == "full")
+    for name, p in model.named_parameters():
+        p.requires_grad_(spec.trains is not None and spec.trains(name))
     wrapped: list[str] = []
     if spec.wraps:
-        targets = list(DEFAULT_TARGETS.get(adapter, ("q", "v")) if targets is None else
+        targets = list(spec.default_targets if targets is None else
                        ([targets] if isinstance(targets, str) else targets))
         for target in resolve(model, targets, layers):
             if any(target.name == h or target.name.startswith(h + ".") for h in heads):
                 continue  # a trained head is trained in full, not adapted
-            _replace(model, target.name, _make_layer(adapter, target, rank, alpha, options))
+            _replace(model, target.name, spec.build(target, rank, alpha, options))
             wrapped.append(target.name)
-    elif adapter == "bitfit":
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.requires_grad_(True)
     for name, module in model.named_modules():
         if any(name == h or name.endswith("." + h) for h in heads):
             for p in module.parameters():

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowrank.adapters import DoRA, FusedLoRA, LoRA
+from lowrank.atomic import atomic_path, write_json
 from lowrank.core import adapt, adapted_modules, adapter_config, trainable_state_dict
 
 FORMAT = "lowrank-adapter/1"
@@ -32,16 +33,11 @@ WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
 PEFT_WEIGHTS, PEFT_PREFIX = "adapter_model.safetensors", "base_model.model."
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """A safetensors file, written atomically (tensors moved to the CPU, made contiguous)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -49,8 +45,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict | None =
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {**adapter_config(model), "format": FORMAT, **(extra or {})}
-    _atomic_save_tensors(path / WEIGHTS, trainable_state_dict(model), {"format": FORMAT})
-    _atomic_write_json(path / CONFIG, config)
+    save_tensors(path / WEIGHTS, trainable_state_dict(model), {"format": FORMAT})
+    write_json(path / CONFIG, config, sort_keys=True)
     return path
 
 
@@ -140,8 +136,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    _atomic_save_tensors(path / PEFT_WEIGHTS, tensors, {"format": "pt"})
-    _atomic_write_json(path / "adapter_config.json", peft_config)
+    save_tensors(path / PEFT_WEIGHTS, tensors, {"format": "pt"})
+    write_json(path / "adapter_config.json", peft_config, sort_keys=True)
     return path
 
 

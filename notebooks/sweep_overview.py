@@ -14,7 +14,7 @@
 # %% [markdown]
 # # Sweep overview
 # Metrics by adapter × rank × targets, and training curves, for one sweep directory written by
-# `python run.py -m ...`. Everything is read through `lowrank.results`.
+# `python run.py -m ...`. Everything is read through `lowrank.runner.results`.
 
 # %% tags=["parameters"]
 import os
@@ -26,7 +26,7 @@ METRIC = None  # e.g. "eval/accuracy"; None = the task's main metric found in th
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from lowrank.results import load_run, load_sweep
+from lowrank.runner.results import load_run, load_sweep
 
 sweep = load_sweep(SWEEP_DIR)
 print(f"{len(sweep)} runs in {SWEEP_DIR}: {sweep['status'].value_counts().to_dict()}")

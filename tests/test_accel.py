@@ -1,4 +1,4 @@
-"""lowrank.accel: the fused linear cross-entropy against F.cross_entropy, causal_lm_loss against
+"""lowrank.runner.accel: the fused linear cross-entropy against F.cross_entropy, causal_lm_loss against
 transformers' own loss (plain and PEFT-wrapped models), regional compilation keeping the model intact."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowrank
-from lowrank import accel
+from lowrank.runner import accel
 
 transformers = pytest.importorskip("transformers")
 

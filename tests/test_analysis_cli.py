@@ -1,6 +1,6 @@
 """`python -m analysis` end to end on a synthetic sweep: run directories that follow the run-dir contract
 (result.json, adapter/ written by lowrank.save_adapter, checkpoints/weights-step*.safetensors) for a tiny
-BERT, read back through lowrank.results. Checks that every analysis writes its files and that the numbers
+BERT, read back through lowrank.runner.results. Checks that every analysis writes its files and that the numbers
 in summary.json are the ones the maths modules give on the same factors."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 lowrank = pytest.importorskip("lowrank")
-pytest.importorskip("lowrank.results")
+pytest.importorskip("lowrank.runner.results")
 
 from analysis.cli import main  # noqa: E402
 from analysis.subspace import similarity  # noqa: E402
@@ -25,7 +25,7 @@ HIDDEN = 32
 def _tiny_model_dir(root: Path) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lowrank.config import package_dir
+    from lowrank.runner.config import package_dir
 
     d = root / "tiny-bert"
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def _summary(out, name):
 
 
 def test_subspace_figure3_matches_the_factors(sweep, tmp_path):
-    from lowrank.results import load_run
+    from lowrank.runner.results import load_run
 
     assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--layer", "1"]) == 0
     for ext in ("png", "pdf", "npz"):
@@ -155,7 +155,7 @@ def test_seeds_layers_wsubspace(sweep, tmp_path):
 
 def test_amplification_table7(sweep, tmp_path):
     from analysis.amplification import amplification
-    from lowrank.results import load_run
+    from lowrank.runner.results import load_run
 
     assert main(["amplification", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
     out = tmp_path / "amplification"

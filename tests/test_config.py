@@ -9,8 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lowrank.config import CONF_DIR, ConfigError, choices, validate
-from lowrank.experiment import adapt_kwargs, fingerprint, jobs_of, preflight
+from lowrank.runner.config import CONF_DIR, ConfigError, choices, validate
+from lowrank.runner.app import adapt_kwargs, fingerprint, jobs_of, preflight
 
 from conftest import run_cli, tiny_args
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lowrank import data
-from lowrank.config import CONF_DIR, ConfigError
+from lowrank.runner import data
+from lowrank.runner.config import CONF_DIR, ConfigError
 
 from conftest import DATA_DIR
 

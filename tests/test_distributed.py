@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, cli_env, make_tiny_bert, tiny_args
-from lowrank import distributed
+from lowrank.runner import distributed
 
 
 @pytest.fixture(scope="module")

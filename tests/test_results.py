@@ -1,4 +1,4 @@
-"""lowrank.results (the API notebooks and analysis/ use) and lowrank.tracking (JSONL + W&B offline), on
+"""lowrank.runner.results (the API notebooks and analysis/ use) and lowrank.runner.tracking (JSONL + W&B offline), on
 runs of a tiny random BERT; every number is checked against the raw files or a float64 formula."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank import results
-from lowrank.tracking import Tracker, read_offline_run
+from lowrank.runner import results
+from lowrank.runner.tracking import Tracker, read_offline_run
 
 from conftest import run_cli, tiny_args
 
@@ -159,7 +159,7 @@ def test_tracker_warns_once_and_keeps_the_jsonl_when_wandb_breaks(tmp_path, monk
 
     monkeypatch.setattr(wandb, "init", lambda **kwargs: BrokenRun())
     cfg = _Config(name="wandb", project="p", entity=None, mode="offline", tags=[], log_adapter_artifact=False)
-    with caplog.at_level(logging.WARNING, logger="lowrank.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lowrank.runner.tracking"):
         tracker = Tracker(cfg, tmp_path, config={}, name="n", group="g")
         for step in (1, 2, 3):
             tracker.log({"train/loss": 1.0 / step}, step)
@@ -170,7 +170,7 @@ def test_tracker_warns_once_and_keeps_the_jsonl_when_wandb_breaks(tmp_path, monk
 
     monkeypatch.setattr(wandb, "init", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("cannot start")))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lowrank.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lowrank.runner.tracking"):
         tracker = Tracker(cfg, tmp_path / "b", config={}, name="n", group="g")
         tracker.log({"x": 1.0}, 1)
     assert not tracker.wandb_active and (tmp_path / "b" / "metrics.jsonl").is_file()

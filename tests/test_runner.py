@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lowrank import metrics, train
+from lowrank.runner import metrics, train
 
 from conftest import REPO, cli_env, make_tiny_bert, run_cli, tiny_args
 
@@ -140,7 +140,7 @@ def test_sweep_writes_run_dirs_and_aggregate(tiny_bert, tiny_data, tmp_path):
     assert len(pd.read_parquet(sweep / "aggregate.parquet")) == 2
     # the on-demand command rebuilds the same table
     (sweep / "aggregate.csv").unlink()
-    proc = subprocess.run([sys.executable, "-m", "lowrank.results", "aggregate", str(sweep)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "lowrank.runner.results", "aggregate", str(sweep)], cwd=REPO,
                           env=cli_env(tiny_data), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "aggregate.csv"), table)
@@ -237,8 +237,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_data, tmp_path):
     the same order): the learned adapter matches up to float rounding. (No dropout, so no RNG differs.)"""
     from hydra import compose, initialize_config_dir
 
-    from lowrank import experiment
-    from lowrank.config import CONF_DIR
+    from lowrank.runner import app as experiment
+    from lowrank.runner.config import CONF_DIR
 
     model = make_tiny_bert(tmp_path / "model", dropout=0.0)
     adapters = []

@@ -1,13 +1,23 @@
-"""The adapter registry: one small module per method, dispatched by name.
+"""The adapter registry: one entry per method, and everything else dispatches through it.
 
-``ADAPTERS`` maps each name to what it is; ``lowrank.adapt`` reads it. Adding an adapter means a new
-module here with an ``AdaptedLayer`` subclass and an entry below (see README, "Adding an adapter").
+An entry (``AdapterSpec``) says what the method is and how to handle it everywhere:
+
+- ``build(target, rank, alpha, options)`` wraps one target module (methods that wrap layers), or
+  ``trains(parameter_name)`` picks the base parameters that train (methods that select parameters);
+- ``read_factors(module, tensors, scaling)`` reads a saved module's low-rank factors back (what the
+  results API and the analyses use), and ``delta_from_factors`` says ΔW = scaling · B A exactly;
+- ``options`` are the keyword options ``lowrank.adapt`` accepts for it, ``default_targets`` its targets.
+
+Adding a method: a module here with its layer and ``build``, an entry below, ``conf/adapter/<name>.yaml``
+naming its source, and a float64 reference test.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+from lowrank.adapters import dora, flora, ia3, lora
 from lowrank.adapters.base import AdaptedLayer, layer_kind
 from lowrank.adapters.dora import DoRA
 from lowrank.adapters.flora import FLoRA
@@ -18,23 +28,52 @@ from lowrank.adapters.lora import FusedLoRA, LoRA
 @dataclass(frozen=True)
 class AdapterSpec:
     name: str
-    summary: str
-    wraps: bool            # wraps target modules (otherwise: a choice of trainable base parameters)
-    uses_rank: bool
+    label: str                       # as the papers print it (LoRA, DoRA, FT)
+    summary: str                     # the update and its source
+    uses_rank: bool = False
     options: tuple[str, ...] = ()
+    default_targets: tuple[str, ...] = ("q", "v")   # LoRA §4.2 (arXiv 2106.09685)
+    build: Callable[..., AdaptedLayer] | None = None
+    trains: Callable[[str], bool] | None = None
+    read_factors: Callable[[str, dict, float], dict] | None = None
+    delta_from_factors: bool = False
+
+    @property
+    def wraps(self) -> bool:
+        """Wraps target modules (otherwise: a choice of trainable base parameters)."""
+        return self.build is not None
+
+    @property
+    def has_factors(self) -> bool:
+        return self.read_factors is not None
 
 
 ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
-    AdapterSpec("lora", "LoRA, Hu et al. 2021: W0 + (α/r) B A", True, True, ("dropout", "rslora")),
-    AdapterSpec("dora", "DoRA, Liu et al. 2024: m (W0 + ΔW) / ‖W0 + ΔW‖_c", True, True,
-                ("dropout", "rslora", "dora_norm", "dora_fast")),
-    AdapterSpec("flora", "FLoRA, Si et al. 2024: Tucker core, s · G ×1 A_in ×2 A_out (×3 ×4 for convs)", True, True,
-                ("dropout", "scale", "ranks")),
-    AdapterSpec("ia3", "(IA)3, Liu et al. 2022: learned rescaling of k, v and the FFN activation", True, False,
-                ("feedforward",)),
-    AdapterSpec("bitfit", "BitFit, Ben Zaken et al. 2022: train the biases only", False, False),
-    AdapterSpec("head", "frozen backbone, train the task head only", False, False),
-    AdapterSpec("full", "full fine-tuning of every weight", False, False),
+    AdapterSpec("lora", "LoRA", "LoRA, Hu et al. 2021 (arXiv 2106.09685): W0 + (α/r) B A", uses_rank=True,
+                options=("dropout", "rslora"), build=lora.build, read_factors=lora.read_factors,
+                delta_from_factors=True),
+    AdapterSpec("dora", "DoRA", "DoRA, Liu et al. 2024 (arXiv 2402.09353): m (W0 + ΔW) / ‖W0 + ΔW‖_c",
+                uses_rank=True, options=("dropout", "rslora", "dora_norm", "dora_fast"), build=dora.build,
+                read_factors=lora.read_factors),
+    AdapterSpec("flora", "FLoRA", "FLoRA, Si et al. 2024 (arXiv 2405.14739): Tucker core, s · G ×1 A_in ×2 A_out "
+                "(×3 ×4 for convs)", uses_rank=True, options=("dropout", "scale", "ranks"), build=flora.build,
+                read_factors=flora.read_factors, delta_from_factors=True),
+    AdapterSpec("ia3", "(IA)³", "(IA)³, Liu et al. 2022 (arXiv 2205.05638): learned rescaling of k, v and the "
+                "FFN activation", options=("feedforward",), default_targets=("k", "v", "down"), build=ia3.build),
+    AdapterSpec("bitfit", "BitFit", "BitFit, Ben Zaken et al. 2022 (arXiv 2106.10199): train the biases only",
+                trains=lambda name: name.endswith("bias")),
+    AdapterSpec("head", "Head", "frozen backbone, train the task head only", trains=lambda name: False),
+    AdapterSpec("full", "FT", "full fine-tuning of every weight", trains=lambda name: True),
 )}
 
-__all__ = ["ADAPTERS", "AdapterSpec", "AdaptedLayer", "LoRA", "FusedLoRA", "DoRA", "FLoRA", "IA3", "layer_kind"]
+
+def spec(name: str) -> AdapterSpec:
+    """The registry entry of ``name``; an unknown name is one line listing the known ones."""
+    found = ADAPTERS.get(name)
+    if found is None:
+        raise ValueError(f"unknown adapter {name!r}; choose one of: {', '.join(ADAPTERS)}")
+    return found
+
+
+__all__ = ["ADAPTERS", "AdapterSpec", "AdaptedLayer", "LoRA", "FusedLoRA", "DoRA", "FLoRA", "IA3", "layer_kind",
+           "spec"]

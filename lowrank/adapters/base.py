@@ -96,6 +96,26 @@ def apply_matrix(base: nn.Module, kind: str, x: torch.Tensor, matrix: torch.Tens
     return F.conv2d(x, matrix.reshape(base.weight.shape), None, base.stride, padding, base.dilation, base.groups)
 
 
+def check_rank_fits(rank: int, target, rows: int | None = None) -> None:
+    """Refuse a rank larger than the matrix it factors (one line, naming the module and the bound);
+    ``rows``: the output rows actually adapted (the smallest slice of a fused projection)."""
+    kind = layer_kind(target.module)
+    if kind is None:
+        return  # the adapted layer's constructor names the unsupported module
+    in_features, out_features = features(target.module, kind)
+    limit, name = min(in_features, out_features if rows is None else rows), target.name
+    if rank > limit:
+        raise ValueError(f"rank={rank} exceeds min(in_features, out_features)={limit} of {name!r}; "
+                         f"choose rank <= {limit}")
+
+
+def no_slices(adapter: str, target) -> None:
+    """Methods other than LoRA cannot adapt a subset of a fused projection's rows."""
+    if target.slices is not None:
+        raise ValueError(f"{adapter} on slices of the fused projection {target.name!r} is not supported; "
+                         f"use adapter=lora there, or a model with separate q/k/v projections")
+
+
 class AdaptedLayer(nn.Module):
     """Base class of every adapted layer: owns ``.base`` and the merge protocol.
 

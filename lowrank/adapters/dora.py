@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import apply_matrix, per_channel, to_native
+from lowrank.adapters.base import apply_matrix, check_rank_fits, no_slices, per_channel, to_native
 from lowrank.adapters.lora import LoRA
 
 NORMS = ("detached", "exact")
@@ -183,3 +183,11 @@ class DoRA(LoRA):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, norm={self.norm}"
+
+
+def build(target, rank: int, alpha: float | None, options: dict) -> DoRA:
+    """The registry's constructor (whole matrices only: the magnitude normalises full rows)."""
+    no_slices("dora", target)
+    check_rank_fits(rank, target)
+    return DoRA(target.module, rank, alpha, dropout=options.get("dropout", 0.0), rslora=options.get("rslora", False),
+                norm=options.get("dora_norm", "detached"), fast=options.get("dora_fast", True))

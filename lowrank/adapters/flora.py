@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import AdaptedLayer, conv_input
+from lowrank.adapters.base import AdaptedLayer, conv_input, no_slices
 
 CONV_SCALE = 4.0  # the official ConvNeXt example (PAPERS.md §3.2)
 
@@ -106,3 +106,21 @@ class FLoRA(AdaptedLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ranks={self.ranks}, scale={self.scaling:g}"
+
+
+def build(target, rank: int, alpha: float | None, options: dict) -> FLoRA:
+    no_slices("flora", target)
+    return FLoRA(target.module, options.get("ranks") or rank, scale=options.get("scale"), alpha=alpha,
+                 dropout=options.get("dropout", 0.0))
+
+
+def read_factors(module: str, tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, dict]:
+    """A saved linear FLoRA module's factors ``A_in`` (in, r1), ``core`` (r1, r2), ``A_out`` (out, r2), and in
+    LoRA's form ``B = A_out``, ``A = coreᵀ A_inᵀ`` (r2, in), so ΔW = scaling · B A. Convolutions give ``{}``."""
+    if f"{module}.core" not in tensors:
+        return {}
+    a_in, core, a_out = (tensors[f"{module}.{k}"] for k in ("A_in", "core", "A_out"))
+    if core.dim() != 2:
+        return {}
+    return {module: {"A_in": a_in, "core": core, "A_out": a_out, "B": a_out, "A": core.t() @ a_in.t(),
+                     "scaling": scaling}}

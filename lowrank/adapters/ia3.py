@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank.adapters.base import AdaptedLayer, per_channel, to_native
+from lowrank.adapters.base import AdaptedLayer, no_slices, per_channel, to_native
 
 
 class IA3(AdaptedLayer):
@@ -67,3 +67,15 @@ class IA3(AdaptedLayer):
         w.copy_(to_native(self.base, self.kind, self.base_matrix().float() * self._scale_matrix(l)).to(w.dtype))
         if not self.feedforward and self.base.bias is not None:
             self.base.bias.mul_(l.to(self.base.bias.dtype))
+
+
+#: Paper names of the feed-forward projection whose *input* (IA)³ rescales (arXiv 2205.05638, §3.3).
+FEEDFORWARD_NAMES = ("down",)
+
+
+def build(target, rank: int | None, alpha: float | None, options: dict) -> IA3:
+    no_slices("ia3", target)
+    feedforward = options.get("feedforward")
+    if feedforward is None:
+        feedforward = any(n in FEEDFORWARD_NAMES for n in target.paper_names)
+    return IA3(target.module, feedforward=bool(feedforward))

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import AdaptedLayer, apply_matrix, conv_input
+from lowrank.adapters.base import AdaptedLayer, apply_matrix, check_rank_fits, conv_input
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    """The update's scale: α/r (LoRA §4.1, arXiv 2106.09685), or α/√r with rsLoRA (arXiv 2312.03732)."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
@@ -133,3 +134,29 @@ class FusedLoRA(AdaptedLayer):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, slices={list(self.slices)}, rank={self.rank}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:g}")
+
+
+def build(target, rank: int, alpha: float | None, options: dict) -> AdaptedLayer:
+    """The registry's constructor: ``LoRA`` on a whole matrix, ``FusedLoRA`` on slices of a fused one."""
+    kw = {"dropout": options.get("dropout", 0.0), "rslora": options.get("rslora", False)}
+    if target.slices is not None:
+        check_rank_fits(rank, target, rows=min(len(rows) for rows in target.slices.values()))
+        return FusedLoRA(target.module, target.slices, rank, alpha, **kw)
+    check_rank_fits(rank, target)
+    return LoRA(target.module, rank, alpha, **kw)
+
+
+def read_factors(module: str, tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, dict]:
+    """A saved LoRA/DoRA module's factors: ``{"A": (r, in), "B": (out, r), "scaling"}`` (+ ``magnitude``);
+    a fused projection adapted in slices gives one entry per slice, keyed ``"<module>[q]"``."""
+    if f"{module}.lora_A" in tensors:
+        entry = {"A": tensors[f"{module}.lora_A"], "B": tensors[f"{module}.lora_B"], "scaling": scaling}
+        if f"{module}.magnitude" in tensors:
+            entry["magnitude"] = tensors[f"{module}.magnitude"]
+        return {module: entry}
+    prefix, out = f"{module}.slices.", {}
+    for key in tensors:
+        if key.startswith(prefix) and key.endswith(".lora_A"):
+            part = key[len(prefix):-len(".lora_A")]
+            out[f"{module}[{part}]"] = {"A": tensors[key], "B": tensors[f"{prefix}{part}.lora_B"], "scaling": scaling}
+    return out

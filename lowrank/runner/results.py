@@ -13,7 +13,7 @@ A sweep dir holds one run dir per job and ``aggregate.csv`` / ``aggregate.parque
     run.weight_trajectory()                                                # {step: {module: W0 + ΔW}}
     load_sweep("multirun/2025-01-01/12-00-00")                             # one row per run
 
-Command line: ``python -m lowrank.results aggregate <sweep_dir>`` rebuilds the sweep's table (Hydra does
+Command line: ``python -m lowrank.runner.results aggregate <sweep_dir>`` rebuilds the sweep's table (Hydra does
 it at the end of every multirun through ``AggregateCallback``).
 """
 
@@ -33,10 +33,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RESULT, METRICS, ADAPTER, CHECKPOINTS = "result.json", "metrics.jsonl", "adapter", "checkpoints"
-AGGREGATE = "aggregate"
-GROUPS = ("model", "task", "adapter", "trainer", "logger", "paths", "experiment")
-_WEIGHTS = re.compile(r"weights-step(\d+)\.safetensors$")
+from lowrank.runner.config import GROUPS
+from lowrank.runner.rundir import (ADAPTER, AGGREGATE, CHECKPOINTS, GENERATIONS, HYDRA_CONFIG, METRICS,
+                                   WEIGHTS_FILE, BrokenResult, read_result, run_dirs)
 
 
 @dataclass
@@ -53,7 +52,8 @@ class Run:
     # ---- what result.json and metrics.jsonl say ----------------------------------------------------------
     @property
     def status(self) -> str:
-        """``completed``, ``failed`` or ``incomplete`` (no result.json: running or interrupted)."""
+        """``completed``, ``failed``, ``incomplete`` (no result.json: running or interrupted) or ``broken``
+        (a result.json that cannot be read: the job reruns when its sweep is launched again)."""
         return self.result.get("status", "incomplete")
 
     @cached_property
@@ -81,29 +81,16 @@ class Run:
         factors ((IA)³, BitFit, head, full) give ``{}``.
         """
         from lowrank import read_adapter
+        from lowrank.adapters import spec
 
         config, tensors = read_adapter(self.dir / ADAPTER)
+        reader = spec(config["adapter"]).read_factors
+        if reader is None:
+            return {}
         scaling = config.get("scaling", {})
         out: dict[str, dict] = {}
         for module in config.get("modules", []):
-            s = scaling.get(module, _default_scaling(config))
-            if f"{module}.lora_A" in tensors:
-                entry = {"A": tensors[f"{module}.lora_A"], "B": tensors[f"{module}.lora_B"], "scaling": s}
-                if f"{module}.magnitude" in tensors:
-                    entry["magnitude"] = tensors[f"{module}.magnitude"]
-                out[module] = entry
-            elif f"{module}.core" in tensors:
-                a_in, core, a_out = (tensors[f"{module}.{k}"] for k in ("A_in", "core", "A_out"))
-                if core.dim() == 2:
-                    out[module] = {"A_in": a_in, "core": core, "A_out": a_out, "B": a_out, "A": core.t() @ a_in.t(),
-                                   "scaling": s}
-            else:
-                prefix = f"{module}.slices."
-                for key in tensors:
-                    if key.startswith(prefix) and key.endswith(".lora_A"):
-                        part = key[len(prefix):-len(".lora_A")]
-                        out[f"{module}[{part}]"] = {"A": tensors[key], "B": tensors[f"{prefix}{part}.lora_B"],
-                                                    "scaling": s}
+            out.update(reader(module, tensors, scaling.get(module, _default_scaling(config))))
         return out
 
     def deltas(self, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -120,12 +107,15 @@ class Run:
                                f"{sorted(trajectory)}")
             base = self.base_weights()
             return {name: w - base[name] for name, w in trajectory[step].items()}
+        from lowrank.adapters import spec
+
         config = self.adapter_config
-        if config["adapter"] in ("lora", "flora"):
+        method = spec(config["adapter"])
+        if method.delta_from_factors:
             f = self.factors()
             if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each
                 return {name: (e["scaling"] * (e["B"].double() @ e["A"].double())).float() for name, e in f.items()}
-        if config["adapter"] == "full":
+        if not method.wraps:  # trained base weights (full fine-tuning): ΔW = W − W0
             _, tensors = _read_adapter(self.dir)
             base = self.base_weights()
             return {name: _matrix_like(tensors[f"{name}.weight"], w0) - w0 for name, w0 in base.items()
@@ -152,12 +142,12 @@ class Run:
         from safetensors.torch import load_file
 
         files = {int(m.group(1)): p for p in (self.dir / CHECKPOINTS).glob("weights-step*.safetensors")
-                 if (m := _WEIGHTS.search(p.name))}
+                 if (m := WEIGHTS_FILE.search(p.name))}
         return {step: load_file(str(files[step])) for step in sorted(files)}
 
     def generations(self) -> pd.DataFrame:
         """generations.jsonl of a generation task (mr, prediction, references) as a DataFrame."""
-        path = self.dir / "generations.jsonl"
+        path = self.dir / GENERATIONS
         return pd.read_json(path, lines=True) if path.is_file() else pd.DataFrame()
 
     # ---- helpers -----------------------------------------------------------------------------------------
@@ -187,11 +177,12 @@ class Run:
 
 
 def _default_scaling(config: dict) -> float | None:
+    from lowrank.adapters.lora import lora_scaling
+
     rank, alpha = config.get("rank"), config.get("alpha")
     if not rank:
         return None
-    alpha = rank if alpha is None else alpha
-    return alpha / math.sqrt(rank) if config.get("options", {}).get("rslora") else alpha / rank
+    return lora_scaling(rank if alpha is None else alpha, rank, bool(config.get("options", {}).get("rslora")))
 
 
 def _read_adapter(run_dir: Path):
@@ -209,7 +200,7 @@ def _matrix_like(native: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _load_base(config: dict):
     from omegaconf import OmegaConf
 
-    from lowrank import models
+    from lowrank.runner import models
 
     cfg = OmegaConf.create(config)
     model, _ = models.load(cfg.model, cfg.task)
@@ -233,28 +224,24 @@ def _base_model(config: dict):
 def load_run(path) -> Run:
     """Load a run dir: result.json if the run finished, else Hydra's .hydra/config.yaml (incomplete)."""
     path = Path(path)
-    result_path = path / RESULT
-    if result_path.is_file():
-        result = json.loads(result_path.read_text())
+    try:
+        result = read_result(path)
+    except BrokenResult as e:
+        result = {"status": "broken", "error": str(e)}
+    if result is not None and result.get("status") != "broken":
         return Run(path, result.get("config", {}), result, list(result.get("overrides", [])))
     hydra_dir = path / ".hydra"
-    if not (hydra_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{path} is not a run dir (no {RESULT} and no .hydra/config.yaml); point at a "
+    if not (path / HYDRA_CONFIG).is_file():
+        if result is not None:
+            return Run(path, {}, result, [])
+        raise FileNotFoundError(f"{path} is not a run dir (no result.json and no {HYDRA_CONFIG}); point at a "
                                 f"folder a `python run.py` job wrote")
     from omegaconf import OmegaConf
 
     config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
     overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml")) \
         if (hydra_dir / "overrides.yaml").is_file() else []
-    return Run(path, config, {"status": "incomplete"}, list(overrides))
-
-
-def run_dirs(sweep_dir) -> list[Path]:
-    """Every run dir under ``sweep_dir`` (folders with a result.json or a .hydra/config.yaml)."""
-    root = Path(sweep_dir)
-    found = {p.parent for p in root.rglob(RESULT)} | {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
-    inside_a_run = (ADAPTER, CHECKPOINTS, "wandb")
-    return sorted(p for p in found if not any(part in inside_a_run for part in p.relative_to(root).parts))
+    return Run(path, config, result or {"status": "incomplete"}, list(overrides))
 
 
 def _override_key(override: str) -> tuple[str | None, str]:
@@ -343,7 +330,7 @@ class AggregateCallback(Callback):
         try:
             df = aggregate(sweep_dir)
         except Exception as e:  # noqa: BLE001 - never turn a finished sweep into a crash
-            log.warning("could not aggregate %s (%s); run `python -m lowrank.results aggregate %s`", sweep_dir, e,
+            log.warning("could not aggregate %s (%s); run `python -m lowrank.runner.results aggregate %s`", sweep_dir, e,
                         sweep_dir)
             return
         print(f"\n{_show(df)}\n\nsweep table: {sweep_dir / (AGGREGATE + '.csv')} (and .parquet)", flush=True)
@@ -352,7 +339,7 @@ class AggregateCallback(Callback):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "aggregate":
-        print("usage: python -m lowrank.results aggregate <sweep_dir>", file=sys.stderr)
+        print("usage: python -m lowrank.runner.results aggregate <sweep_dir>", file=sys.stderr)
         return 2
     root = Path(argv[1])
     if not root.is_dir():

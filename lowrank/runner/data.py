@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lowrank.config import ConfigError, check_data_dir, first_line, local_files
+from lowrank.runner.config import ConfigError, check_data_dir, first_line, local_files
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)

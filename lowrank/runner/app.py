@@ -2,9 +2,9 @@
 
 ``run(cfg)`` validates the config, skips the job if its run dir already holds a completed result of the
 same configuration, builds the model skeleton on the meta device to check the targets, loads the model
-(``lowrank.models``) and data (``lowrank.data``), calls ``lowrank.adapt``, trains (``lowrank.train.fit``,
+(``lowrank.runner.models``) and data (``lowrank.runner.data``), calls ``lowrank.adapt``, trains (``lowrank.runner.train.fit``,
 which resumes from the run dir's last checkpoint), saves the adapter, mirrors to W&B
-(``lowrank.tracking``) and finally writes ``result.json`` atomically. A training failure (non-finite loss,
+(``lowrank.runner.tracking``) and finally writes ``result.json`` atomically. A training failure (non-finite loss,
 any error after the config checks) gives ``status: failed`` with the error; a configuration error raises
 ``ConfigError`` (one line) before anything is written.
 
@@ -30,11 +30,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank.config import CONF_DIR, ConfigError, choices, first_line, validate
+from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, validate
 
 log = logging.getLogger(__name__)
-RESULT = "result.json"
-GROUPS = ("model", "task", "adapter", "trainer", "logger", "paths", "experiment")
+from lowrank.runner.rundir import ADAPTER, CHECKPOINTS, BrokenResult, read_result, write_result
 # Keys that say where/how a run is stored or shown, not what it computes (left out of the fingerprint).
 NOT_IDENTITY = ("paths", "logger", "name")
 _failures: list[str] = []
@@ -80,7 +79,7 @@ def check_targets(cfg: DictConfig, model_config) -> None:
     """Adapt the model's weightless skeleton (meta device) so that a target the model lacks, a rank too
     large for a layer, or an option the adapter rejects fails before any weights are loaded."""
     import lowrank
-    from lowrank import models
+    from lowrank.runner import models
 
     skeleton = models.skeleton(cfg.model, cfg.task, model_config)
     try:
@@ -101,20 +100,6 @@ def hydra_job() -> dict:
                 "num": hc.job.get("num", 0)}
     except Exception:  # noqa: BLE001 - called outside a Hydra app (tests, notebooks)
         return {"overrides": [], "name": "default", "num": 0}
-
-
-def read_result(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_result(run_dir: Path, result: dict) -> Path:
-    """Write result.json atomically (temporary file, then rename): readers never see half of it."""
-    path = Path(run_dir) / RESULT
-    tmp = path.with_name(RESULT + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _peak_memory() -> dict:
@@ -141,16 +126,20 @@ def run(cfg: DictConfig) -> dict:
     import torch
 
     import lowrank
-    from lowrank import data as task_data
-    from lowrank import distributed, models, train
-    from lowrank.tracking import Tracker
+    from lowrank.runner import data as task_data
+    from lowrank.runner import distributed, models, train
+    from lowrank.runner.tracking import Tracker
 
     _quiet_libraries()
     cfg = validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     fp = fingerprint(cfg)
     ident = identity(cfg)
-    previous = read_result(run_dir)
+    try:
+        previous = read_result(run_dir)
+    except BrokenResult as e:  # not complete: run (or resume) it again, and say so
+        log.warning("%s; running the job again", e)
+        previous = None
     if previous is not None and previous.get("status") == "completed":
         if previous.get("fingerprint") == fp:
             log.info("%s: already completed, skipped", run_dir)
@@ -159,7 +148,7 @@ def run(cfg: DictConfig) -> dict:
             log.warning("%s: completed earlier with another config (%s differ); skipped: delete the folder to "
                         "run it again", run_dir, changed or "?")
         return previous
-    ckpt = train.latest_checkpoint(run_dir / train.CHECKPOINTS)
+    ckpt = train.latest_checkpoint(run_dir / CHECKPOINTS)
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("fingerprint") != fp:
@@ -199,7 +188,7 @@ def run(cfg: DictConfig) -> dict:
                         job_num=job["num"])
         scaling = {name: layer.scaling for name, layer in lowrank.adapted_modules(model).items()
                    if hasattr(layer, "scaling")}
-        lowrank.save_adapter(model, run_dir / "adapter", extra={"scaling": scaling})
+        lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
                       resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2))
     except train.TrainingFailed as e:
@@ -214,7 +203,7 @@ def run(cfg: DictConfig) -> dict:
                      **{f"final/{k}": v for k, v in (result["final"] or {}).items()},
                      **{f"best/{k}": v for k, v in (result["best"] or {}).items()}})
     if result["status"] == "completed":
-        tracker.log_artifact(run_dir / "adapter", name=f"adapter-{fp}")
+        tracker.log_artifact(run_dir / ADAPTER, name=f"adapter-{fp}")
     tracker.finish(failed=result["status"] != "completed")
     write_result(run_dir, result)  # last: its presence means the run dir is complete
     status = result["status"] if result["status"] == "completed" else f"FAILED ({result['error']})"
@@ -231,7 +220,7 @@ class _SilentTracker:
 
 def _follow(model, data, cfg, run_dir: Path, fp: str, ident: dict, world) -> dict:
     """A rank > 0 of a torchrun launch: train its shards in step with rank 0, write nothing."""
-    from lowrank import train
+    from lowrank.runner import train
 
     fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=_SilentTracker(),
                     weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident, world=world)
@@ -357,7 +346,7 @@ def preflight(argv: list[str], limit: int = 256) -> int:
 def cli(hydra_main) -> None:
     """``run.py``: preflight, then Hydra; exits 2 on a config error, 1 if a run failed, else 0."""
     _quiet_libraries()
-    from lowrank import distributed
+    from lowrank.runner import distributed
 
     try:
         preflight(sys.argv[1:])

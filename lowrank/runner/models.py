@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank.config import ConfigError, first_line, package_dir
+from lowrank.runner.config import ConfigError, first_line, package_dir
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ import os
 import time
 from pathlib import Path
 
-from lowrank.config import first_line
+from lowrank.atomic import write_text
+from lowrank.runner.config import first_line
+from lowrank.runner.rundir import METRICS
 
 log = logging.getLogger(__name__)
-METRICS = "metrics.jsonl"
 
 
 def _clean(value):
@@ -64,9 +65,7 @@ class Tracker:
                     kept.append(line)
             except (ValueError, KeyError):
                 continue
-        tmp = self.path.with_name(METRICS + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     # ---- W&B -----------------------------------------------------------------------------------------
     def _start_wandb(self, config: dict, name: str, group: str) -> None:

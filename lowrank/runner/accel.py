@@ -129,12 +129,12 @@ def liger(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
     """
     if not liger_available():
         raise RuntimeError("Liger kernels need the liger-kernel package and a CUDA device "
-                           "(pip install liger-kernel); use lowrank.accel.compile instead")
+                           "(pip install liger-kernel); use lowrank.runner.accel.compile instead")
     lm = unwrap(model)
     family = getattr(getattr(lm, "config", None), "model_type", None)
     if family not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise ValueError(f"lowrank.accel.liger supports LLaMA-family models (llama, mistral, qwen2, qwen3), "
-                         f"not model_type={family!r}; use lowrank.accel.compile")
+        raise ValueError(f"lowrank.runner.accel.liger supports LLaMA-family models (llama, mistral, qwen2, qwen3), "
+                         f"not model_type={family!r}; use lowrank.runner.accel.compile")
     act = getattr(lm.config, "hidden_act", "silu")
     for module in lm.modules():
         name = type(module).__name__

@@ -4,10 +4,10 @@
 (types, unknown keys) and against what exists (adapter names, adapter options, task kinds and metrics,
 packaged models, the local data files) and raises ``ConfigError`` with ONE line that names the bad value
 and the fix. ``run.py`` calls it on every job of a sweep before anything is launched
-(``lowrank.experiment.preflight``) and again inside each job.
+(``lowrank.runner.app.preflight``) and again inside each job.
 
 Whether the model has the requested ``targets`` needs the model's module names; that check builds the
-model's skeleton on the meta device (no weights) in ``lowrank.experiment``.
+model's skeleton on the meta device (no weights) in ``lowrank.runner.app``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: Hydra config groups (conf/<group>/); an override of one names a file of that folder.
+GROUPS = ("model", "task", "adapter", "trainer", "logger", "paths", "experiment")
 
 
 class ConfigError(ValueError):
@@ -398,7 +400,7 @@ def check_data_dir(task, data_dir: str) -> None:
     if not missing:
         return
     if task.get("hub") is not None and not is_offline():
-        return  # lowrank.data falls back to the hub source
+        return  # lowrank.runner.data falls back to the hub source
     why = "offline (HF_*_OFFLINE is set)" if task.get("hub") is not None else f"task {task.name!r} has no hub source"
     raise ConfigError(f"data dir '{root}' has no {missing[0]} for task={task.name} and {why}; fix: set "
                       f"LOWRANK_DATA_DIR (or paths.data_dir=...) to the folder holding {missing[0].split('/')[0]}/")

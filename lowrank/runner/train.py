@@ -42,13 +42,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank import distributed
+from lowrank.atomic import atomic_path, write_text
+from lowrank.io import save_tensors
+from lowrank.runner import distributed
+from lowrank.runner.rundir import CHECKPOINTS, GENERATIONS, weights_file
 from lowrank.io import load_into
-from lowrank.data import IGNORE, TaskData, collate, left_pad
-from lowrank.metrics import accuracy, corpus_bleu, matthews_corrcoef
+from lowrank.runner.data import IGNORE, TaskData, collate, left_pad
+from lowrank.runner.metrics import accuracy, corpus_bleu, matthews_corrcoef
 
 log = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
 
 
 class TrainingFailed(RuntimeError):
@@ -223,12 +225,8 @@ def target_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
 
 
 def save_weights(model: nn.Module, names: list[str], folder: Path, step: int) -> Path:
-    path = folder / f"weights-step{step}.safetensors"
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(target_weights(model, names), str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, path)
-    return path
+    return save_tensors(folder / weights_file(step), target_weights(model, names), {"step": str(step)})
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -242,19 +240,16 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> P
     from lowrank import trainable_state_dict
 
     final = folder / f"step-{state['step']}"
-    tmp = folder / f"step-{state['step']}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(model).items()},
-              str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / "optimizer.pt")
-    rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
-    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_tensors(tmp / "trainable.safetensors", trainable_state_dict(model))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
+        rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng}, indent=1))
     for old in folder.glob("step-*"):  # keep the newest only (and drop half-written ones)
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -413,6 +408,4 @@ def _write_generations(out_dir: Path, step: int, generations: list[dict]) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
     (folder / f"step{step}.jsonl").write_text(text)
-    tmp = out_dir / "generations.jsonl.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out_dir / "generations.jsonl")
+    write_text(out_dir / GENERATIONS, text)

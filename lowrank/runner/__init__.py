@@ -1,0 +1,19 @@
+"""The experiment runner: one Hydra job = one run of the library on a model and a task.
+
+It imports the library (``lowrank``), never the reverse, and is the only place that knows Hydra,
+``datasets`` or W&B. What a reader opens to follow ``python run.py`` to ``result.json``:
+
+    app.py          the Hydra job: config → model, data, ``lowrank.adapt``, ``fit``, result.json
+    config.py       the config schema and its validation (one-line errors before anything loads)
+    models.py       loading models: hub name, local folder, packaged weights (MiniLM, SmolLM2 GGUF)
+    data.py         tasks: local copies under the data dir or the hub; tokenisation, batching
+    train.py        the loop: optimiser, schedule, evaluation, checkpoints, resume
+    rundir.py       the run directory: file names, atomic writes, result.json, run discovery
+    results.py      reading runs and sweeps back (notebooks and ``analysis`` use only this)
+    tracking.py     metrics.jsonl and W&B
+    metrics.py      accuracy, Matthews correlation, corpus BLEU
+    distributed.py  torchrun / DDP
+    accel.py        speed paths: regional compile, fused chunked loss
+
+Submodules are imported on demand; importing this package loads nothing heavy.
+"""
