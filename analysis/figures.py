@@ -1,7 +1,7 @@
 """Paper-style figures: LoRA Figures 3, 4, 6, 7, 8, a per-layer Table 7 plot, and DoRA Figure 2.
 
 Every function takes plain arrays / DataFrames and returns a matplotlib Figure drawn with the one style
-file `paper.mplstyle`; `save` writes PNG and PDF. Layouts follow PAPERS.md §1.5-1.8 and §2.5: φ heatmaps
+file `paper.mplstyle`; `save` writes PNG and PDF. Layouts follow LoRA's Figures 3, 4, 6–8 and Table 7 (arXiv 2106.09685 §7, App. H) and DoRA's Figure 2 (arXiv 2402.09353 §3.2): φ heatmaps
 have i (the first argument's directions) on the y-axis, top row i = 1, j on the x-axis, the paper's tick
 positions where the sizes match the paper's, and the paper's colour-bar range per figure.
 """

@@ -39,7 +39,7 @@ __all__ = [
     "per_layer",
 ]
 
-# LoRA paper, Table 5 (GPT-3 175B, 18M budget) and Table 6 (validation accuracy, %); PAPERS.md §1.2-1.3
+# LoRA paper, Table 5 (GPT-3 175B, 18M budget) and Table 6 (validation accuracy, %); arXiv 2106.09685 §7.1
 PAPER_TABLE5 = pd.DataFrame(
     {
         "Wq": [8, 70.4, 91.0],
@@ -306,7 +306,7 @@ def write_table(df: pd.DataFrame, stem: str | Path, *, digits: int = 2, caption:
     return paths
 
 
-# LoRA paper Table 7 (GPT-3 175B, Wq of layer 48); PAPERS.md §1.7. The factor row is ||ΔW||_F / ΔW column.
+# LoRA paper Table 7 (GPT-3 175B, Wq of layer 48); arXiv 2106.09685 §7.3. The factor row is ||ΔW||_F / ΔW column.
 PAPER_TABLE7 = pd.DataFrame(
     {
         ("r=4", "ΔWq"): [0.32, 61.95, 6.91, 21.6],

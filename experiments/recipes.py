@@ -270,7 +270,7 @@ def flora_params(sweep_dir: Path) -> None:
     def trainable(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-    conv = lambda: nn.Conv2d(256, 512, 3)  # noqa: E731  PAPERS.md §3.3's worked example
+    conv = lambda: nn.Conv2d(256, 512, 3)  # noqa: E731  FLoRA's worked parameter count: k=3, 256→512, r=32
     linear = lambda: nn.Linear(384, 384)   # noqa: E731  a MiniLM attention projection
     paper = ref.FLORA_PARAMS["conv_example"]
     counts = []

@@ -1,4 +1,4 @@
-"""The papers' reference numbers and the settings they came from (transcribed from ../shared/PAPERS.md).
+"""The papers' reference numbers and the settings they came from (LoRA arXiv 2106.09685, DoRA arXiv 2402.09353, FLoRA arXiv 2405.14739).
 
 Plain data: recipes put these beside our numbers. Every entry names its source table or figure and the
 model it was measured on, because our default reproduces the *analysis* on a much smaller model.
@@ -79,7 +79,7 @@ DORA_FIG2 = {
 }
 
 FLORA_PARAMS = {
-    "source": "FLoRA (Si et al. 2024) Tucker parameterisation; PAPERS.md §3.3 worked example (k=3, 256→512, r=32)",
+    "source": "FLoRA (Si et al. 2024) Tucker parameterisation; worked example (k=3, 256→512, r=32): r1r2r3r4 + d_in r1 + d_out r2 + k r3 + k r4",
     "conv_example": {"flora": 28_684, "lora_loralib": 221_184, "lora_reshape_out_by_in_k2": 90_112,
                      "lora_reshape_outk_by_ink": 73_728},
     "linear_example": {"flora": 25_600, "lora": 24_576},

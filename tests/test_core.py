@@ -171,7 +171,7 @@ def test_flora_conv_count_is_tucker_count():
     conv = torch.nn.Conv2d(256, 512, 3)
     layer = lowrank.adapters.FLoRA(conv, [32, 32, 2, 2])
     n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-    assert n == 32 * 32 * 2 * 2 + 256 * 32 + 512 * 32 + 3 * 2 + 3 * 2 == 28_684  # PAPERS.md §3.3
+    assert n == 32 * 32 * 2 * 2 + 256 * 32 + 512 * 32 + 3 * 2 + 3 * 2 == 28_684  # FLoRA's count: r1r2r3r4 + d_in r1 + d_out r2 + k r3 + k r4 (arXiv 2405.14739 §3)
 
 
 def test_lora_count_matches_paper_roberta_budget():

@@ -42,7 +42,7 @@ def test_flora_recipe_end_to_end_on_smoke_budget(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "report_flora_params.json").read_text())
     conv = [c for c in report["checks"] if "Conv2d" in c["what"] and "loralib" in c["what"]][0]
-    assert conv["holds"] is True and "28,684" in conv["ours"]  # PAPERS.md §3.3 worked example, counted from modules
+    assert conv["holds"] is True and "28,684" in conv["ours"]  # FLoRA's Tucker parameter count (arXiv 2405.14739 §3), counted from modules
     assert len([c for c in report["checks"] if "accuracy" in c["what"]]) == 2
     # a second call reuses the finished sweep instead of training again
     again = _experiments("flora_params", "--dir", str(tmp_path), "trainer=smoke", "logger=none", timeout=900)

@@ -34,7 +34,7 @@ from torch import nn
 
 from lowrank.adapters.base import AdaptedLayer, conv_input, no_slices
 
-CONV_SCALE = 4.0  # the official ConvNeXt example (PAPERS.md §3.2)
+CONV_SCALE = 4.0  # the official code's ConvNeXt example (SJTU-DeepVisionLab/FLoRA, r=[16,16,2,2], scale=4.0)
 
 
 def _factor(*shape: int, like: torch.Tensor) -> nn.Parameter:
