@@ -234,7 +234,8 @@ def _from_peft(model: nn.Module, raw: dict[str, torch.Tensor], source: str) -> d
     ours = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B", "lora_A.weight": "lora_A",
             "lora_B.weight": "lora_B", "lora_magnitude_vector": "magnitude"}
     expected: dict[str, tuple[str, torch.Size, torch.Size]] = {}  # PEFT key -> (our name, PEFT shape, our shape)
-    for name, layer in adapted_modules(model).items():
+    layers = adapted_modules(model)
+    for name, layer in layers.items():
         for key, value in _peft_layer(name, layer)[0].items():
             param = ours[LORA_KEY.fullmatch(key).group(2)]
             expected[key] = (f"{name}.{param}", value.shape, getattr(layer, param).shape)
@@ -250,6 +251,11 @@ def _from_peft(model: nn.Module, raw: dict[str, torch.Tensor], source: str) -> d
             continue
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         lora = LORA_KEY.fullmatch(name)
+        if lora is not None and lora.group(1) in layers:
+            kind = type(layers[lora.group(1)]).__name__
+            raise ValueError(f"{source!r} holds {lora.group(2)} for {lora.group(1)!r}, which its {kind} layer does not "
+                             f"have: the weights are of another adapter type than the config's (use_dora); "
+                             f"fix use_dora in its adapter_config.json")
         if lora is not None:
             raise ValueError(f"{source!r} holds weights for {lora.group(1)!r}, which this model does not adapt "
                              f"(no such module, or target_modules do not match it): different layers; {fix}")
