@@ -1,4 +1,4 @@
-"""Broken files and odd starts: a truncated result.json or adapter file in a sweep, a data directory that
+"""Odd starts (a truncated result.json or adapter file in a sweep: tests/test_runner.py): a data directory that
 does not exist, a run started from another working directory, a resumed run's wall time and W&B run."""
 
 from __future__ import annotations
@@ -9,47 +9,11 @@ import subprocess
 import sys
 import time
 
-import pandas as pd
 import pytest
 from conftest import REPO, cli_env, run_cli, tiny_args
 
-from lowrank.runner import results
 from lowrank.runner.config import DEFAULT_DATA_DIR
 from lowrank.runner.rundir import ATTEMPTS, end_attempt, start_attempt
-
-
-def test_sweep_with_a_truncated_result_reruns_that_job_and_aggregates_the_rest(tiny_bert, tiny_data, tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ["-m", "adapter=lora,dora", *tiny_args(tiny_bert, f"hydra.sweep.dir={sweep}")]
-    assert run_cli(*args, data_dir=tiny_data).returncode == 0
-    broken, kept = next(sweep.glob("adapter=dora,*")), next(sweep.glob("adapter=lora,*"))
-    text = (broken / "result.json").read_text()
-    (broken / "result.json").write_text(text[: len(text) // 2])
-    kept_result = (kept / "result.json").read_text()
-
-    proc = subprocess.run([sys.executable, "-m", "lowrank.runner.results", "aggregate", str(sweep)], cwd=REPO,
-                          env=cli_env(tiny_data), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    table = pd.read_csv(sweep / "aggregate.csv").set_index("adapter")
-    assert table.loc["dora", "status"] == "broken" and str(broken / "result.json") in table.loc["dora", "error"]
-    assert table.loc["lora", "status"] == "completed" and table.loc["lora", "final/accuracy"] == \
-        json.loads(kept_result)["final"]["eval/accuracy"]
-
-    # a truncated adapter file: one line naming it, from the results API
-    adapter = kept / "adapter" / "adapter.safetensors"
-    data = adapter.read_bytes()
-    adapter.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError) as error:
-        results.load_run(kept).factors()
-    assert str(adapter) in str(error.value) and "\n" not in str(error.value)
-    adapter.write_bytes(data)
-
-    # launched again, the sweep re-runs the broken job and skips the completed one
-    proc = run_cli(*args, data_dir=tiny_data)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((broken / "result.json").read_text())["status"] == "completed"
-    assert (kept / "result.json").read_text() == kept_result
-    assert set(pd.read_csv(sweep / "aggregate.csv")["status"]) == {"completed"}
 
 
 def _env_without_offline(**extra):
@@ -124,7 +88,11 @@ def test_a_resumed_run_has_one_offline_wandb_run_and_stages_nothing_outside(tmp_
     second.log_artifact(run_dir / "adapter", name="adapter-x")
     second.finish()
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
-    history = read_offline_run(run_dir)["history"]
-    assert [h["_step"] for h in history] == [1, 2, 3, 4, 5]
-    staged = [p for p in (tmp_path / "data").rglob("*") if p.is_file()] if (tmp_path / "data").exists() else []
+    steps, deadline = [], time.time() + 60
+    while steps != [1, 2, 3, 4, 5] and time.time() < deadline:  # W&B's writer may still be flushing the file
+        time.sleep(0.2)
+        steps = [h["_step"] for h in read_offline_run(run_dir)["history"]]
+    assert steps == [1, 2, 3, 4, 5]
+    staged = [p for sub in ("data", "cache") if (tmp_path / sub).exists() for p in (tmp_path / sub).rglob("*")
+              if p.is_file() and "artifacts" in p.parts]
     assert not staged, staged

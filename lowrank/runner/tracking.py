@@ -8,7 +8,7 @@ W&B, in the mode ``logger.mode`` gives (``WANDB_MODE``, default offline; offline
 run: online, W&B resumes it; offline (where W&B cannot append to an earlier file), the resumed attempt
 replays the kept ``metrics.jsonl`` steps into its W&B run and removes the killed attempt's offline folder,
 so the run dir holds one offline W&B run with the whole history. The adapter artifact is added with
-W&B's ``immutable`` policy and no cache copy: nothing is staged outside the run dir. ``wandb`` is imported here only, lazily; if it fails to start or to log, the tracker warns once and
+W&B's ``immutable`` policy: nothing is staged outside the run dir. ``wandb`` is imported here only, lazily; if it fails to start or to log, the tracker warns once and
 carries on with JSONL alone — a run never fails because of its mirror.
 """
 
@@ -132,9 +132,9 @@ class Tracker:
             import wandb
 
             artifact = wandb.Artifact(name=name, type=kind)
-            # immutable + skip_cache: W&B reads the files where they are instead of copying them to
-            # ~/.local/share/wandb/artifacts/staging and its cache
-            artifact.add_dir(str(folder), policy="immutable", skip_cache=True)
+            # immutable: W&B reads the files where they are instead of copying them to
+            # ~/.local/share/wandb/artifacts/staging (the adapter folder is final when it is logged)
+            artifact.add_dir(str(folder), policy="immutable")
             run.log_artifact(artifact)
         self._mirror(upload)
 
