@@ -198,6 +198,12 @@ def test_errors_are_one_line(sweep, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--ranks [32]" in err and "[4, 16]" in err
     assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--layer", "9"]) == 2
     assert "pick --layer" in capsys.readouterr().err
+    # adapters without low-rank factors / ΔW (registry: has_factors, trains) are refused with one line
+    assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--adapter", "ia3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ia3 ((IA)³) has no low-rank factors" in err and "lora" in err
+    assert main(["decomposition", str(sweep / "adapter=lora,rank=4,seed=0"), str(sweep / "adapter=full,rank=4,seed=0"),
+                 "--out", str(tmp_path), "--wandb", "off"]) == 0
 
 
 def test_wandb_offline_mirror(sweep, tmp_path, monkeypatch):
