@@ -100,7 +100,10 @@ class Tracker:
     def _drop_earlier_offline_runs(self) -> None:
         """Remove offline folders of this run id left by earlier (killed or restarted) attempts: what of
         them is kept comes back through ``rewind``'s replay of metrics.jsonl."""
-        current = Path(self._wandb.dir).resolve().parent
+        files = getattr(self._wandb, "dir", None)  # <run_dir>/wandb/offline-run-<time>-<id>/files
+        if not files:
+            return
+        current = Path(files).resolve().parent
         for folder in (self.run_dir / "wandb").glob(f"offline-run-*-{self._run_id}"):
             if folder.resolve() != current:
                 shutil.rmtree(folder, ignore_errors=True)
