@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, cli_env, run_cli, tiny_args
@@ -62,6 +63,10 @@ def test_prefix_run_saves_the_folded_prefix_and_records_costs(tiny_bert, tiny_da
     costs = result["predicted_costs"]
     assert costs["trainable_params"] == result["trainable_params"] and costs["layers_on_backward_path"] == 2
     assert result["rss_at_start_mb"] > 0
+    from lowrank.runner.results import load_run
+
+    with pytest.raises(ValueError, match="not a weight update"):
+        load_run(run).deltas()
 
 
 def test_recipe_checks_on_planted_latency_and_cost_rows(tmp_path):
