@@ -47,9 +47,11 @@ def saved_bytes(model, autocast: bool, batch: int = 4, seq: int = 32) -> int:
 
 @pytest.mark.parametrize("family,dropout", [("bert", 0.0), ("bert", 0.1), ("llama", 0.0), ("gpt2", 0.0)])
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("adapter", ["lora", "full", "houlsby"])
+@pytest.mark.parametrize("adapter", ["lora", "full", "houlsby", "prompt", "ptuning2"])
 def test_activations_per_layer_match_what_autograd_saves(family, dropout, autocast, adapter):
     """One more layer on the backward path adds what one layer saves (±15 %, measured on the model)."""
+    if adapter == "prompt" and family == "gpt2":
+        pytest.skip("soft prompts refuse a last-token classifier")
     measured, predicted = [], []
     for layers in (2, 3):
         model = lowrank.adapt(tiny(family, layers, dropout), adapter, rank=4)

@@ -18,7 +18,8 @@ Memory by component (bytes), for a batch of ``batch`` sequences of ``seq`` token
   kept, no s² scores), dropout masks only where the model has dropout, autocast's bf16 input copies per
   projection (one per consumer: q, k and v each cast the same input), float32 residual stream and norms
   under autocast. Only layers from the lowest trained one upward keep activations (nothing below needs a
-  gradient); a trained prefix or prompt reaches every layer. Under bf16 autocast the 16-bit copies of the
+  gradient); a trained prefix or prompt reaches every layer, a prompt adds its tokens to the sequence
+  and a prefix its keys to every attention. Under bf16 autocast the 16-bit copies of the
   matrix weights on that path are kept too (they are saved for the input gradient). A causal LM adds its
   logits per token (bf16 output, float32 copy, saved log-softmax, its gradient).
 - optimizer temporary: AdamW's multi-tensor (foreach, the CUDA default) step makes one sqrt(v) of the
@@ -206,11 +207,15 @@ def predict(model: nn.Module, *, batch: int, seq: int, autocast: bool, kind: str
     compute = 2 if (autocast or weight_bytes == 2) else 4
     lowest = _lowest_trained_layer(model, s.layers)
     path = 0 if lowest is None else s.layers - lowest
+    injected = getattr(model, "lowrank_injected", None)
+    kind_of = getattr(injected, "adapter_name", None)
+    seq = seq + (injected.length if kind_of == "prompt" else 0)  # soft prompts lengthen the sequence
+    keys = seq + (injected.length if kind_of == "prefix" else 0)  # prefixes lengthen every layer's keys
     tokens = batch * seq
     from lowrank.adapters.injected import block_list
 
     stack = model.get_submodule(block_list(model)[0])
-    acts = tokens * sum(_per_token_layer(s, stack[i], stream, compute, autocast, seq, device)
+    acts = tokens * sum(_per_token_layer(s, stack[i], stream, compute, autocast, keys, device)
                         for i in range(s.layers - path, s.layers))
     if autocast and weight_bytes == 4 and path:  # bf16 copies of the matrix weights on the backward path
         acts += compute * sum(n for i, n in matmul_layer.items() if i >= (lowest or 0))
@@ -222,7 +227,7 @@ def predict(model: nn.Module, *, batch: int, seq: int, autocast: bool, kind: str
     temporary = trainable if device.startswith("cuda") else largest
     n_layer = sum(matmul_layer.values()) / max(len(matmul_layer), 1)
     head = s.vocab * s.hidden if kind == "generation" else 0
-    attention = 4 * seq * s.hidden * tokens
+    attention = 4 * keys * s.hidden * tokens
     forward = 2 * tokens * (n_layer * s.layers + head) + attention * s.layers
     backward_input = 2 * tokens * (n_layer * path + head * (path > 0)) + 2 * attention * path
     backward_weight = 2 * tokens * matmul_trained
