@@ -24,14 +24,23 @@ which is how the benchmark gives both sides the same base speed-ups.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "FastPath",
+    "plan",
+    "prepare",
+    "eager",
     "compile",
     "repeated_blocks",
     "liger",
@@ -90,6 +99,64 @@ def compile(model: nn.Module, *, blocks: list[nn.Module] | None = None, mode: st
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * cache_size_limit)
     for block in blocks if blocks is not None else repeated_blocks(unwrap(model)):
         block.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    return model
+
+
+def eager(model: nn.Module):
+    """A context in which the compiled blocks of ``model`` run their eager forward (evaluation and
+    generation, whose many shapes would each need a compiled graph); a no-op for uncompiled models."""
+    stack = contextlib.ExitStack()
+    for module in unwrap(model).modules():
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if compiled is not None:
+            module._compiled_call_impl = None
+            stack.callback(setattr, module, "_compiled_call_impl", compiled)
+    return stack
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer's fast path
+
+@dataclass(frozen=True)
+class FastPath:
+    """What the trainer does for speed, resolved from the config for one device (``plan``)."""
+    compile: str = "off"       # off | blocks (regional torch.compile) | cudagraphs (... with CUDA graphs)
+    fused_loss: bool = False   # causal LMs: LM head + cross-entropy fused and chunked
+    buckets: int = 0           # pad batches to one of this many fixed widths (0: to the longest sequence)
+
+    def describe(self) -> str:
+        return f"compile={self.compile} fused_loss={self.fused_loss} length_buckets={self.buckets}"
+
+
+def plan(cfg, device: torch.device, fuse_blocker: str | None) -> FastPath:
+    """Resolve ``trainer.compile``/``fused_loss``/``length_buckets`` for ``device``.
+
+    ``auto`` means: on CUDA, regional compile with CUDA graphs, the fused loss for causal LMs, and 3
+    length buckets (CUDA graphs need a few static shapes); on the CPU, all off (compiling costs more than
+    it saves on the CPU's short runs). ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
+    """
+    cuda = device.type == "cuda"
+    mode = cfg.compile if cfg.compile != "auto" else ("cudagraphs" if cuda else "off")
+    if mode == "cudagraphs" and not cuda:
+        log.warning("trainer.compile=cudagraphs needs CUDA; compiling the blocks without CUDA graphs")
+        mode = "blocks"
+    fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and cuda)
+    if fused and fuse_blocker is not None:
+        if cfg.fused_loss == "on" and fuse_blocker != "the task is not a causal LM":
+            log.warning("trainer.fused_loss=on does not apply: %s; using the model's loss", fuse_blocker)
+        fused = False
+    buckets = cfg.length_buckets if cfg.length_buckets is not None else (3 if mode == "cudagraphs" else 0)
+    return FastPath(compile=mode, fused_loss=fused, buckets=int(buckets))
+
+
+def prepare(model: nn.Module, path: FastPath) -> nn.Module:
+    """Make the trainable tensors float32 masters (adapters, head: the frozen base may be bf16) and
+    compile the blocks as ``path`` says; returns ``model``."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if path.compile != "off":
+        compile(model, mode="reduce-overhead" if path.compile == "cudagraphs" else None, dynamic=None)
     return model
 
 

@@ -111,6 +111,17 @@ def _peak_memory() -> dict:
     return out
 
 
+def _since_process_start(when: float | None) -> float | None:
+    """Seconds from this process's start (Linux: /proc) to ``when`` (a time.time()), else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return None if when is None else round(when - (boot + ticks / os.sysconf("SC_CLK_TCK")), 2)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|datasets)\..*")
@@ -128,6 +139,7 @@ def run(cfg: DictConfig) -> dict:
     import lowrank
     from lowrank.runner import data as task_data
     from lowrank.runner import distributed, models, train
+    from lowrank.runner.loss import uses_bf16
     from lowrank.runner.tracking import Tracker
 
     _quiet_libraries()
@@ -164,7 +176,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     train.seed_everything(cfg.seed)
-    model, tokenizer = models.load(cfg.model, cfg.task, model_config)
+    device = distributed.current().device(cfg.trainer.device, job["num"])
+    dtype = models.weight_dtype(cfg.model.dtype, device, uses_bf16(device, cfg.trainer.precision))
+    model, tokenizer = models.load(cfg.model, cfg.task, model_config, dtype=dtype)
     kwargs = adapt_kwargs(cfg)
     lowrank.adapt(model, kwargs.pop("adapter"), **kwargs)
     trainable, total = lowrank.count_parameters(model)
@@ -190,7 +204,9 @@ def run(cfg: DictConfig) -> dict:
                    if hasattr(layer, "scaling")}
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
-                      resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2))
+                      resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),
+                      step_time_s=fit.step_time_s, fast_path=fit.fast_path,
+                      first_step_s=_since_process_start(fit.first_step_at))
     except train.TrainingFailed as e:
         result.update(error=str(e), failed_step=e.step)
     except Exception as e:  # noqa: BLE001 - any other failure is recorded, and the sweep goes on

@@ -205,22 +205,42 @@ def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int |
                     decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def collate(examples: dict[str, list], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
-    """Pad a batch (``Dataset[indices]``: a dict of lists) on the right to its longest sequence."""
+def bucket_width(longest: int, max_len: int, buckets: int) -> int:
+    """The padded width of a batch whose longest sequence is ``longest``: with ``buckets`` > 0, the
+    smallest of ``buckets`` fixed widths (``max_len·k/buckets`` rounded up to a multiple of 8, k = 1..buckets)
+    that holds it, so a compiled graph (and its CUDA graph) is reused for every batch of that bucket;
+    with 0, ``longest`` itself."""
+    if buckets <= 0 or longest > max_len:
+        return longest
+    for k in range(1, buckets + 1):
+        width = min(max_len, -(-max_len * k // buckets // 8) * 8)
+        if width >= longest:
+            return width
+    return max_len
+
+
+def collate(examples: dict[str, list], pad_id: int, kind: str, *, width: int | None = None,
+            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch (``Dataset[indices]``: a dict of lists) on the right to its longest sequence (or to
+    ``width``) and move it to ``device`` (pinned and copied without a host sync on CUDA)."""
     ids = examples["input_ids"]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    width = max(width or 0, max(len(x) for x in ids))
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
     for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x)
+        input_ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
     if kind == "classification":
-        labels = torch.tensor(examples["labels"], dtype=torch.long)
+        labels = np.asarray(examples["labels"], dtype=np.int64)
     else:
-        labels = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+        labels = np.full((len(ids), width), IGNORE, dtype=np.int64)
         for i, y in enumerate(examples["labels"]):
-            labels[i, :len(y)] = torch.tensor(y)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            labels[i, :len(y)] = y
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type == "cpu":
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+    return {k: torch.from_numpy(v).pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
