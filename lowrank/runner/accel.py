@@ -120,7 +120,7 @@ def eager(model: nn.Module):
 @dataclass(frozen=True)
 class FastPath:
     """What the trainer does for speed, resolved from the config for one device (``plan``)."""
-    compile: str = "off"       # off | blocks (regional torch.compile) | cudagraphs (... with CUDA graphs)
+    compile: str = "off"       # off | inductor | inductor+cudagraphs | cudagraphs (see plan)
     fused_loss: bool = False   # causal LMs: LM head + cross-entropy fused and chunked
     buckets: int = 0           # pad batches to one of this many fixed widths (0: to the longest sequence)
 
@@ -131,21 +131,27 @@ class FastPath:
 def plan(cfg, device: torch.device, fuse_blocker: str | None) -> FastPath:
     """Resolve ``trainer.compile``/``fused_loss``/``length_buckets`` for ``device``.
 
-    ``auto`` means: on CUDA, regional compile with CUDA graphs, the fused loss for causal LMs, and 3
-    length buckets (CUDA graphs need a few static shapes); on the CPU, all off (compiling costs more than
-    it saves on the CPU's short runs). ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
+    ``compile``: ``inductor`` (regional ``torch.compile`` of the blocks), ``inductor+cudagraphs`` (the same,
+    replayed as CUDA graphs: ``mode="reduce-overhead"``), ``cudagraphs`` (the blocks captured as CUDA graphs
+    through ``torch.compile(backend="cudagraphs")``, no code generation: seconds to compile), ``off``.
+    ``auto``: ``inductor+cudagraphs`` on CUDA, ``off`` on the CPU (compiling costs more than it saves in
+    the CPU's short runs). ``fused_loss`` ``auto``: on for causal LMs on CUDA. ``length_buckets`` ``null``:
+    with CUDA graphs, 1 (every batch padded to ``max_seq_len``: one graph) up to 128 tokens, else 3;
+    without, 0. ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
     """
     cuda = device.type == "cuda"
-    mode = cfg.compile if cfg.compile != "auto" else ("cudagraphs" if cuda else "off")
-    if mode == "cudagraphs" and not cuda:
-        log.warning("trainer.compile=cudagraphs needs CUDA; compiling the blocks without CUDA graphs")
-        mode = "blocks"
+    mode = cfg.compile if cfg.compile != "auto" else ("inductor+cudagraphs" if cuda else "off")
+    if "cudagraphs" in mode and not cuda:
+        log.warning("trainer.compile=%s needs CUDA; compiling the blocks with inductor, without CUDA graphs", mode)
+        mode = "inductor"
     fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and cuda)
     if fused and fuse_blocker is not None:
         if cfg.fused_loss == "on" and fuse_blocker != "the task is not a causal LM":
             log.warning("trainer.fused_loss=on does not apply: %s; using the model's loss", fuse_blocker)
         fused = False
-    buckets = cfg.length_buckets if cfg.length_buckets is not None else (3 if mode == "cudagraphs" else 0)
+    buckets = cfg.length_buckets
+    if buckets is None:
+        buckets = 0 if "cudagraphs" not in mode else 1 if cfg.max_seq_len <= 128 else 3
     return FastPath(compile=mode, fused_loss=fused, buckets=int(buckets))
 
 
@@ -155,8 +161,10 @@ def prepare(model: nn.Module, path: FastPath) -> nn.Module:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    if path.compile != "off":
-        compile(model, mode="reduce-overhead" if path.compile == "cudagraphs" else None, dynamic=None)
+    if path.compile == "cudagraphs":
+        compile(model, backend="cudagraphs", dynamic=None)
+    elif path.compile != "off":
+        compile(model, mode="reduce-overhead" if path.compile == "inductor+cudagraphs" else None, dynamic=None)
     return model
 
 

@@ -270,7 +270,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
             batch = collate({"input_ids": ids, "labels": [columns["labels"][i] for i in rows]}, data.pad_id,
                             data.kind, width=bucket_width(max(map(len, ids)), cfg.max_seq_len, fast.buckets),
                             device=device)
-            if fast.compile == "cudagraphs":
+            if "cudagraphs" in fast.compile:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are dead
             with world.no_sync(net, last_micro_batch=m + micro >= len(indices)):
                 with autocast(device, cfg.precision):
