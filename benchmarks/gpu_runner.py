@@ -46,7 +46,8 @@ def ours(run_dir: Path, overrides: list[str]) -> dict:
             "step_time_s": result.get("step_time_s"), "first_step_s": result.get("first_step_s"),
             "run_wall_s": result.get("wall_time_s"), "train_time_s": result.get("train_time_s"),
             "peak_gpu_memory_mb": result.get("peak_gpu_memory_mb"), "final": result.get("final"),
-            "fast_path": result.get("fast_path"), "error": result.get("error"), "overrides": overrides}
+            "fast_path": result.get("fast_path"), "startup_s": result.get("startup_s"), "error": result.get("error"),
+            "overrides": overrides}
 
 
 def theirs(args: list[str], out: Path) -> dict:

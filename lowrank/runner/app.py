@@ -170,6 +170,7 @@ def run(cfg: DictConfig) -> dict:
                               f"hydra.sweep.dir")
 
     started = time.time()
+    startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
     job = hydra_job()
     model_config = models.load_config(cfg.model, cfg.task)
     check_targets(cfg, model_config)
@@ -181,9 +182,11 @@ def run(cfg: DictConfig) -> dict:
     model, tokenizer = models.load(cfg.model, cfg.task, model_config, dtype=dtype)
     kwargs = adapt_kwargs(cfg)
     lowrank.adapt(model, kwargs.pop("adapter"), **kwargs)
+    startup["model_loaded"] = _since_process_start(time.time())
     trainable, total = lowrank.count_parameters(model)
     data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
                           max_eval_samples=cfg.trainer.max_eval_samples)
+    startup["data_loaded"] = _since_process_start(time.time())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
     if not world.is_main:
@@ -206,7 +209,8 @@ def run(cfg: DictConfig) -> dict:
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
                       resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),
                       step_time_s=fit.step_time_s, fast_path=fit.fast_path,
-                      first_step_s=_since_process_start(fit.first_step_at))
+                      first_step_s=_since_process_start(fit.first_step_at),
+                      startup_s={**startup, "first_step": _since_process_start(fit.first_step_at)})
     except train.TrainingFailed as e:
         result.update(error=str(e), failed_step=e.step)
     except Exception as e:  # noqa: BLE001 - any other failure is recorded, and the sweep goes on
