@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from lowrank.targeting import LAYER_INDEX
+
 __all__ = ["parse_module_name", "matrix_label", "KINDS"]
 
 KINDS = ("q", "k", "v", "o")
@@ -23,7 +25,6 @@ _KIND_PATTERNS = [
     (re.compile(r"(?:^|[._])(v_proj|value|v|wv|v_lin)$"), "v"),
     (re.compile(r"(?:^|[._])(o_proj|out_proj|dense|wo|o|out_lin|c_proj|dense_proj)$"), "o"),
 ]
-_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks|encoder\.layer|decoder\.layers)\.(\d+)(?:\.|$)")
 _ANY_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -34,7 +35,7 @@ def parse_module_name(name: str) -> tuple[int | None, str | None]:
     not the MLP's `output.dense`).
     """
     layer = None
-    m = _LAYER.search(name)
+    m = LAYER_INDEX.search(name)  # the same layer pattern targeting uses (layers.N, layer.N, h.N, ...)
     if m is None:
         m = _ANY_INDEX.search("." + name + ".")
     if m is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "find_metric",
     "table5",
     "table6",
+    "table6_stats",
     "side_by_side",
     "to_markdown",
     "to_latex",
@@ -201,6 +202,30 @@ def table5(
     return out
 
 
+def table6_stats(
+    df: pd.DataFrame,
+    metric: str | None = None,
+    *,
+    task_col: str | None = "task",
+    targets_col: str = "targets",
+    rank_col: str = "rank",
+    percent: bool | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Table 6 as numbers: (mean, std, number of seeds), each with rows (task, weight type) and columns r=…"""
+    d = _prepare(df, metric, targets_col, rank_col, percent)
+    tasks = d[task_col].astype(str) if task_col and task_col in d.columns else pd.Series("metric", index=d.index)
+    d = d.assign(task_=tasks)
+    g = d.groupby(["task_", "weight_type", "rank_"])["value"].agg(["mean", "std", "count"])
+    ranks = sorted(d["rank_"].unique())
+    index = [(task, wt) for task in dict.fromkeys(d["task_"]) for wt in _order(d.loc[d["task_"] == task, "weight_type"])]
+    frames = []
+    for stat in ("mean", "std", "count"):
+        data = [[float(g.loc[(t, w, r), stat]) if (t, w, r) in g.index else np.nan for r in ranks] for t, w in index]
+        frames.append(pd.DataFrame(data, index=pd.MultiIndex.from_tuples(index, names=["Dataset", "Weight type"]),
+                                   columns=[f"r={r}" for r in ranks]))
+    return frames[0], frames[1], frames[2].fillna(0).astype(int)
+
+
 def table6(
     df: pd.DataFrame,
     metric: str | None = None,
@@ -213,29 +238,13 @@ def table6(
     numeric: bool = False,
 ) -> pd.DataFrame:
     """Table 6: rows (task, weight type), columns r=…, cells mean ± std over seeds."""
-    d = _prepare(df, metric, targets_col, rank_col, percent)
-    tasks = d[task_col].astype(str) if task_col and task_col in d.columns else pd.Series("metric", index=d.index)
-    d = d.assign(task_=tasks)
-    g = d.groupby(["task_", "weight_type", "rank_"])["value"].agg(["mean", "std", "count"])
-    ranks = sorted(d["rank_"].unique())
-    index = []
-    data = []
-    for task in dict.fromkeys(d["task_"]):
-        for wt in _order(d.loc[d["task_"] == task, "weight_type"]):
-            index.append((task, wt))
-            row = []
-            for r in ranks:
-                if (task, wt, r) in g.index:
-                    m, s, n = g.loc[(task, wt, r)]
-                    row.append(float(m) if numeric else _cell(m, s, int(n), digits))
-                else:
-                    row.append(np.nan if numeric else "")
-            data.append(row)
-    return pd.DataFrame(
-        data,
-        index=pd.MultiIndex.from_tuples(index, names=["Dataset", "Weight type"]),
-        columns=[f"r={r}" for r in ranks],
-    )
+    mean, std, count = table6_stats(df, metric, task_col=task_col, targets_col=targets_col, rank_col=rank_col,
+                                    percent=percent)
+    if numeric:
+        return mean
+    cells = [[_cell(m, s, int(n), digits) for m, s, n in zip(*rows)]
+             for rows in zip(mean.values, std.values, count.values)]
+    return pd.DataFrame(cells, index=mean.index, columns=mean.columns)
 
 
 def side_by_side(ours: pd.DataFrame, paper: pd.DataFrame, *, ours_label: str = "this run", paper_label: str = "paper (GPT-3 175B)"):

@@ -139,7 +139,7 @@ def test_seeds_layers_wsubspace(sweep, tmp_path):
     rng = np.random.default_rng(0)
     mc = np.mean([similarity(rng.standard_normal((r, d)), rng.standard_normal((r, d))).mean() for _ in range(200)])
     assert mc == pytest.approx(s["fig7"]["chance_mean_phi"], rel=0.05)
-    from experiments.recipes import _fig6_7
+    from experiments.recipes.lora import fig6_7 as _fig6_7
 
     report_dir = tmp_path / "report"
     (report_dir / "analysis" / "layers").mkdir(parents=True)
@@ -198,6 +198,12 @@ def test_errors_are_one_line(sweep, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--ranks [32]" in err and "[4, 16]" in err
     assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--layer", "9"]) == 2
     assert "pick --layer" in capsys.readouterr().err
+    # adapters without low-rank factors / ΔW (registry: has_factors, trains) are refused with one line
+    assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--adapter", "ia3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ia3 ((IA)³) has no low-rank factors" in err and "lora" in err
+    assert main(["decomposition", str(sweep / "adapter=lora,rank=4,seed=0"), str(sweep / "adapter=full,rank=4,seed=0"),
+                 "--out", str(tmp_path), "--wandb", "off"]) == 0
 
 
 def test_wandb_offline_mirror(sweep, tmp_path, monkeypatch):
@@ -206,3 +212,20 @@ def test_wandb_offline_mirror(sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "offline"]) == 0
     assert list((tmp_path / "subspace").rglob("offline-run-*")), "no offline W&B run written"
+
+
+def test_recipe_checks_read_the_typed_summaries(sweep, tmp_path):
+    """Every recipe check runs on the summaries the CLI wrote (no formatted cell or raw key is parsed)."""
+    from analysis.summaries import TablesSummary, load_summary
+    from experiments.recipes import RECIPES
+
+    for name in ("subspace", "seeds", "layers", "wsubspace", "amplification", "decomposition", "tables"):
+        assert main([name, str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0, name
+    for recipe in ("lora_fig3", "lora_fig4", "lora_fig6_7", "lora_fig8", "lora_table7", "dora_fig2"):
+        checks = RECIPES[recipe].checks(tmp_path)
+        assert checks and any(c.holds is not None for c in checks), recipe
+    t = load_summary(TablesSummary, tmp_path)
+    # the sweep's accuracy is 0.8 + i/100 per run, in percent, averaged over the two seeds of each rank
+    means = t.table6_mean[next(iter(t.table6_mean))]["Wq,Wv"]
+    assert set(means) == {"4", "16"} and all(80.0 <= v <= 100.0 for v in means.values())
+    assert t.table6_cells[0][:2] == ["Dataset", "Weight type"]

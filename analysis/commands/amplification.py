@@ -1,0 +1,65 @@
+"""LoRA Table 7: how strongly ΔW amplifies directions of W (arXiv 2106.09685 §7.3)."""
+
+from __future__ import annotations
+
+from analysis import figures
+from analysis.commands import Produced
+from analysis.selection import UsageError, adapter_spec, factor_runs, load, middle, one_run_per_rank, out_dir, progress
+from analysis.summaries import AmplificationSummary
+
+COLUMNS = ("delta", "own", "random", "random_expected", "norm_W", "norm_delta", "factor")
+
+
+def _study(base, updates, chosen, args):
+    """ΔW = scaling · B A (the registry says the method's update is exactly that): the factored path over all
+    ranks; otherwise (DoRA: ΔW is not scaling·BA) the formed update, projected on its own top-r per rank."""
+    import pandas as pd
+
+    from analysis.amplification import amplification_study
+
+    kw = dict(seed=args.random_seed, progress=progress(args), top_kwargs={"method": args.svd})
+    if all(adapter_spec(i.adapter).delta_from_factors for i in chosen.values()):
+        return amplification_study(base, updates, **kw)
+    return pd.concat([amplification_study(base, {r: upd}, r=r, **kw) for r, upd in updates.items()],
+                     ignore_index=True)
+
+
+def amplification(args) -> Produced:
+    from analysis.names import parse_module_name
+    from analysis.tables import PAPER_TABLE7, per_layer, table7, write_table
+
+    infos = load(args)
+    ranks, seed, chosen = one_run_per_rank(args, factor_runs(infos, args.adapter))
+    models = {i.model for i in chosen.values()}
+    if len(models) > 1:
+        raise UsageError(f"runs use different base models {sorted(map(str, models))}; analyse one model at a time")
+    first = next(iter(chosen.values()))
+    base = first.run.base_weights()
+    updates = {r: (info.run.factors() if adapter_spec(info.adapter).delta_from_factors else info.run.deltas())
+               for r, info in chosen.items()}
+    kinds = set(args.matrices)
+    modules = sorted({m for upd in updates.values() for m in upd if parse_module_name(m)[1] in kinds and m in base})
+    if not modules:
+        raise UsageError(f"no adapted {sorted(kinds)} modules with base weights; pass --matrices from q k v o")
+    updates = {r: {m: u for m, u in upd.items() if m in modules} for r, upd in updates.items()}
+    study = _study(base, updates, chosen, args)
+    out = out_dir(args, infos, "amplification")
+    layer = args.layer if args.layer is not None else int(middle(sorted(study["layer"].dropna().unique())))
+    matrix = args.matrices[0]
+    t7 = table7(study, layer=layer, matrix=matrix)
+    files = write_table(t7, out / f"table7_layer{layer}_{matrix}", digits=3, caption=(
+        f"Table 7 on {first.model or 'the model'}, W{matrix} of layer {layer}: ‖UᵀWVᵀ‖_F with U, V the top-r "
+        "singular directions of ΔW, of W, or random"))
+    files += write_table(PAPER_TABLE7, out / "table7_paper", caption="Table 7 of the LoRA paper (GPT-3 175B, layer 48 Wq)")
+    pl = per_layer(study)
+    files += write_table(pl, out / "table7_per_layer", digits=4)
+    files += figures.save(figures.table7_plot(pl, matrices=args.matrices), out / "table7_per_layer")
+    med = pl.groupby(["matrix", "r"])[["delta", "own", "random", "random_expected", "factor"]].median()
+    rows = study[(study["layer"] == layer) & (study["matrix"] == matrix)]
+    summary = AmplificationSummary(
+        layer=layer, matrix=matrix, ranks=ranks, seed=seed, runs={str(r): str(chosen[r].dir) for r in ranks},
+        at_layer={f"r={int(row['r'])}": {k: float(row[k]) for k in COLUMNS} for _, row in rows.iterrows()},
+        median_over_layers={f"{m} r={r}": {k: float(v) for k, v in row.items()} for (m, r), row in med.iterrows()})
+    print(t7.round(3).to_string())
+    return Produced(summary, out, files, {"table7": t7, "per_layer": pl}, [i.run.config or {} for i in infos],
+                    [str(i.dir) for i in infos])
