@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 DATA    ?= $(abspath ../shared/data)
 export LOWRANK_DATA_DIR ?= $(DATA)
 
-.PHONY: setup run sweep test test-fast bench clean
+.PHONY: setup run sweep test test-fast bench bundle clean
 
 setup: $(BIN)/.installed
 
@@ -33,6 +33,13 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.cpu_default $(ARGS)
+
+# An offline bundle for a GPU node without registry access (wheels + bf16 models + data; see
+# lowrank/runner/bundle.py): make bundle BUNDLE=/scratch/lowrank-bundle, then on the node
+# `sh lowrank-bundle/install.sh && . lowrank-bundle/env.sh`.
+BUNDLE  ?= bundle
+bundle: setup
+	$(BIN)/python -m lowrank.runner.bundle $(BUNDLE) --data $(DATA) $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         "warmup": 3, "steps": 20, "fast_base": args.fast, "command": args.command,
         "assembled_from": [args.partial] + ([args.extra] if args.extra else []), "rows": rows,
     }
-    result["checks"] = gpu_step.issue_checks(result)
+    result["checks"] = gpu_step.performance_checks(result)
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     print(gpu_step.table(result))
     return 0

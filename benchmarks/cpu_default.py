@@ -1,4 +1,4 @@
-"""Issue 3, item 1: `python run.py` as a user types it (MiniLM, SST-2, LoRA r=8 on q,v; W&B offline) —
+"""The default run on the CPU: `python run.py` as a user types it (MiniLM, SST-2, LoRA r=8 on q,v; W&B offline) —
 its wall time on this CPU and its SST-2 dev accuracy. The target: under 5 minutes and at least 80%.
 
     python -m benchmarks.cpu_default                 # one run; prints a table, writes the JSON below

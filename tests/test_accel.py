@@ -1,5 +1,7 @@
 """lowrank.runner.accel: the fused linear cross-entropy against F.cross_entropy, causal_lm_loss against
-transformers' own loss (plain and PEFT-wrapped models), regional compilation keeping the model intact."""
+transformers' own loss (plain and PEFT-wrapped models), regional compilation keeping the model intact,
+and the trainer's fast path: what ``auto`` resolves to per device, float32 trainables over a bf16 base,
+and a compiled, bucketed, fused-loss run ending with the numbers of the plain run."""
 
 from __future__ import annotations
 
@@ -134,3 +136,86 @@ def test_liger_needs_a_gpu_and_the_package():
         pytest.skip("Liger is available here; the refusal is for machines without it")
     with pytest.raises(RuntimeError, match="liger-kernel"):
         accel.liger(tiny_llama())
+
+
+# ---- the trainer's fast path -------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_llama_dir(request):
+    """conftest's tiny LLaMA model folder (this module's ``tiny_llama`` builds one in memory)."""
+    return request.getfixturevalue("tiny_llama")
+
+
+class _Trainer:
+    def __init__(self, compile="auto", fused_loss="auto", length_buckets=None, max_seq_len=64):
+        self.compile, self.fused_loss, self.length_buckets, self.max_seq_len = (compile, fused_loss,
+                                                                               length_buckets, max_seq_len)
+
+
+def test_plan_resolves_auto_per_device_and_keeps_the_off_switches():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
+    assert accel.plan(_Trainer(), cpu, None) == accel.FastPath("off", False, 0)
+    assert accel.plan(_Trainer(), cuda, None) == accel.FastPath("inductor+cudagraphs", True, 1)
+    assert accel.plan(_Trainer(max_seq_len=512), cuda, None).buckets == 3
+    assert accel.plan(_Trainer(), cuda, "the task is not a causal LM").fused_loss is False
+    assert accel.plan(_Trainer(compile="off", fused_loss="off"), cuda, None) == accel.FastPath("off", False, 0)
+    assert accel.plan(_Trainer(compile="cudagraphs"), cpu, None).compile == "inductor"  # no CUDA graphs on a CPU
+    assert accel.plan(_Trainer(fused_loss="on", length_buckets=4), cpu, None) == accel.FastPath("off", True, 4)
+
+
+def test_bucket_widths():
+    from lowrank.runner.data import bucket_width
+
+    # max_len 64 in 3 buckets: 64·1/3 = 21 -> 24, 64·2/3 = 42 -> 48, 64
+    assert [bucket_width(n, 64, 3) for n in (1, 24, 25, 48, 49, 64)] == [24, 24, 48, 48, 64, 64]
+    assert bucket_width(17, 64, 1) == 64 and bucket_width(17, 64, 0) == 17
+    assert bucket_width(70, 64, 3) == 70  # longer than the maximum (not truncated): its own width
+
+
+def test_prepare_keeps_a_bf16_base_and_float32_trainables():
+    from lowrank.runner.models import weight_dtype
+
+    assert weight_dtype("auto", torch.device("cuda", 0), True) == torch.bfloat16
+    assert weight_dtype("auto", torch.device("cuda", 0), False) == torch.float32
+    assert weight_dtype("auto", torch.device("cpu"), True) == torch.float32
+    model = tiny_bert().to(torch.bfloat16)
+    lowrank.adapt(model, "lora", targets=["q", "v"], rank=2)
+    model.classifier.weight.requires_grad_(True)
+    accel.prepare(model, accel.FastPath())
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+
+
+def test_fast_path_run_matches_the_plain_run(tiny_llama_dir, tiny_data, tmp_path, monkeypatch):
+    """E2E on a tiny LLaMA: compiled blocks (dynamo + AOT autograd; inductor's code generation is what the
+    GPU measurement covers), batches padded to 2 fixed widths and the fused loss give the adapter and the
+    eval loss of the plain run (model logits + cross-entropy, batches padded to their longest) up to
+    float32 rounding."""
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from lowrank.runner import app
+    from lowrank.runner.config import CONF_DIR
+
+    real_compile = accel.compile
+    monkeypatch.setattr(accel, "compile", lambda model, **kw: real_compile(model, **{**kw, "backend": "aot_eager"}))
+    results, adapters = [], []
+    for name, fast in (("plain", ["trainer.compile=off", "trainer.fused_loss=off"]),
+                       ("fast", ["trainer.compile=inductor", "trainer.fused_loss=on", "trainer.length_buckets=2"])):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[f"model.pretrained={tiny_llama_dir}", "model.name=tiny", "task=e2e",
+                                               "trainer=smoke", "logger=none", "trainer.save_weights_at=[]",
+                                               "task.generation.max_new_tokens=2", f"paths.data_dir={tiny_data}",
+                                               *fast])
+        cfg.paths.output_dir = str(tmp_path / name)
+        results.append(app.run(cfg))
+        adapters.append(load_file(str(tmp_path / name / "adapter" / "adapter.safetensors")))
+        torch._dynamo.reset()
+    assert [r["status"] for r in results] == ["completed", "completed"], results[1].get("error")
+    assert "compile=inductor fused_loss=True length_buckets=2" == results[1]["fast_path"]
+    assert results[1]["final"]["eval/loss"] == pytest.approx(results[0]["final"]["eval/loss"], rel=1e-5)
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], atol=2e-6, rtol=1e-4)
+    assert any(adapters[0][k].abs().max() > 0 for k in adapters[0] if k.endswith("lora_B"))

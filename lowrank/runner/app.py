@@ -119,21 +119,28 @@ def _rss_mb() -> float | None:
         return None
 
 
-def _predicted_costs(model, cfg) -> dict | None:
+def _predicted_costs(model, cfg, device, autocast: bool) -> dict | None:
     """``lowrank.runner.costs.predict`` for this run's micro-batch at ``max_seq_len`` (an upper bound: batches
     are padded to their longest sequence); None where the model's shape is not known to the cost model."""
-    import torch
-
     from lowrank.runner import costs
 
     t = cfg.trainer
-    device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
     try:
         return costs.predict(model, batch=t.batch_size // t.grad_accum, seq=t.max_seq_len, autocast=autocast,
-                             kind=cfg.task.kind, device=device).to_dict()
+                             kind=cfg.task.kind, device=str(device)).to_dict()
     except (AttributeError, TypeError, ValueError) as e:
         log.warning("no cost prediction (%s)", first_line(e))
+        return None
+
+
+def _since_process_start(when: float | None) -> float | None:
+    """Seconds from this process's start (Linux: /proc) to ``when`` (a time.time()), else None."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return None if when is None else round(when - (boot + ticks / os.sysconf("SC_CLK_TCK")), 2)
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
 
 
@@ -154,6 +161,7 @@ def run(cfg: DictConfig) -> dict:
     import lowrank
     from lowrank.runner import data as task_data
     from lowrank.runner import distributed, models, train
+    from lowrank.runner.loss import uses_bf16
     from lowrank.runner.tracking import Tracker
 
     _quiet_libraries()
@@ -185,19 +193,25 @@ def run(cfg: DictConfig) -> dict:
 
     started = time.time()
     rss_at_start = _rss_mb()
+    startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
     job = hydra_job()
     model_config = models.load_config(cfg.model, cfg.task)
     check_targets(cfg, model_config)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     train.seed_everything(cfg.seed)
-    model, tokenizer = models.load(cfg.model, cfg.task, model_config)
+    device = distributed.current().device(cfg.trainer.device, job["num"])
+    bf16 = uses_bf16(device, cfg.trainer.precision)
+    dtype = models.weight_dtype(cfg.model.dtype, device, bf16)
+    model, tokenizer = models.load(cfg.model, cfg.task, model_config, dtype=dtype)
     kwargs = adapt_kwargs(cfg)
     lowrank.adapt(model, kwargs.pop("adapter"), **kwargs)
+    startup["model_loaded"] = _since_process_start(time.time())
     trainable, total = lowrank.count_parameters(model)
-    predicted = _predicted_costs(model, cfg)
+    predicted = _predicted_costs(model, cfg, device, bf16)
     data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
                           max_eval_samples=cfg.trainer.max_eval_samples)
+    startup["data_loaded"] = _since_process_start(time.time())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
     if not world.is_main:
@@ -221,7 +235,10 @@ def run(cfg: DictConfig) -> dict:
         lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
-                      resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2))
+                      resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),
+                      step_time_s=fit.step_time_s, fast_path=fit.fast_path,
+                      first_step_s=_since_process_start(fit.first_step_at),
+                      startup_s={**startup, "first_step": _since_process_start(fit.first_step_at)})
     except train.TrainingFailed as e:
         result.update(error=str(e), failed_step=e.step)
     except Exception as e:  # noqa: BLE001 - any other failure is recorded, and the sweep goes on

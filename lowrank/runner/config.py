@@ -26,7 +26,9 @@ KINDS = ("classification", "generation")
 METRICS = {"classification": ("accuracy", "mcc"), "generation": ("bleu",)}
 LOCAL_FORMATS = ("label_text", "cola_tsv", "e2e_csv")
 PRECISIONS = ("auto", "fp32", "bf16")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+COMPILE_MODES = ("auto", "off", "inductor", "inductor+cudagraphs", "cudagraphs")
+SWITCHES = ("auto", "on", "off")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -53,7 +55,7 @@ class ModelConfig:
     name: str = MISSING
     pretrained: str = MISSING          # hub name, local folder, or pkg://<package>/<folder>
     gguf_file: Optional[str] = None    # a GGUF file inside `pretrained` (dequantised on load)
-    dtype: str = "float32"
+    dtype: str = "auto"                # auto: bf16 on CUDA under bf16 autocast, float32 otherwise
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
@@ -135,6 +137,9 @@ class TrainerConfig:
     save_weights_at: List[int] = field(default_factory=list)
     save_weights_every: int = 0
     precision: str = "auto"
+    compile: str = "auto"
+    fused_loss: str = "auto"
+    length_buckets: Optional[int] = None
     device: str = "auto"
     num_threads: Optional[int] = None
     progress: bool = True
@@ -386,6 +391,11 @@ def _check_trainer(t) -> None:
         raise ConfigError(f"trainer.warmup_ratio={t.warmup_ratio} must be in [0, 1); fix: e.g. 0.06")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={t.precision!r} is unknown; fix: one of {', '.join(PRECISIONS)}")
+    if t.compile not in COMPILE_MODES:
+        raise ConfigError(f"trainer.compile={t.compile!r} is unknown; fix: one of {', '.join(COMPILE_MODES)}")
+    if t.fused_loss not in SWITCHES:
+        raise ConfigError(f"trainer.fused_loss={t.fused_loss!r} is unknown; fix: one of {', '.join(SWITCHES)}")
+    _positive("trainer.length_buckets", t.length_buckets, allow_zero=True)
     if t.device != "auto" and not t.device.startswith(("cpu", "cuda", "mps")):
         raise ConfigError(f"trainer.device={t.device!r} is unknown; fix: auto, cpu or cuda[:N]")
 

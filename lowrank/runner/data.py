@@ -14,14 +14,21 @@ a fixed split from ``task.split.seed`` (not the run's seed: every run holds out 
 If the local files are missing and the hub is reachable, the task's ``hub`` source is used instead.
 
 ``load(task, tokenizer, ...)`` tokenises: ``input_ids`` + ``labels`` (class ids, or for generation the
-target tokens with the prompt masked to -100), and ``collate`` pads a batch.
+target tokens with the prompt masked to -100), and ``collate`` pads a batch. Tokenised local data is
+cached per (task, files, tokenizer, max_seq_len, max_eval_samples) under ``$LOWRANK_CACHE_DIR``
+(default ``~/.cache/lowrank``): a later run reads one pickle instead of importing ``datasets`` and
+tokenising again (``LOWRANK_CACHE_DIR=off`` turns the cache off).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
+import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -154,12 +161,31 @@ def load_raw(task, data_dir) -> "datasets.DatasetDict":
 
 # ---- tokenising --------------------------------------------------------------------------------------
 
+class Columns:
+    """A tokenised split as plain lists (``input_ids``, ``labels``), indexed like a ``datasets.Dataset``:
+    ``split["input_ids"]`` a column, ``split[i]`` a row, ``split[[i, j]]`` a batch (a dict of lists)."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = {k: list(v) for k, v in columns.items()}
+        self.column_names = list(self.columns)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()), []))
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        if isinstance(key, int):
+            return {k: v[key] for k, v in self.columns.items()}
+        return {k: [v[i] for i in key] for k, v in self.columns.items()}
+
+
 @dataclass
 class TaskData:
     """Tokenised train/eval sets and what evaluation needs."""
     kind: str
-    train: "datasets.Dataset"            # input_ids, labels
-    eval: "datasets.Dataset"             # input_ids, labels (generation: prompt+first ref, for eval loss)
+    train: Columns                       # input_ids, labels
+    eval: Columns                        # input_ids, labels (generation: prompt+first ref, for eval loss)
     pad_id: int
     prompts: list[list[int]] = field(default_factory=list)   # generation: prompt ids per eval MR
     references: list[list[str]] = field(default_factory=list)
@@ -175,8 +201,56 @@ def _generation_example(tokenizer, prompt: str, target: str, max_len: int) -> tu
     return ids, labels
 
 
+def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -> Path | None:
+    """Where the tokenised data of this (task, local files, tokenizer, lengths) is cached; None when the
+    cache is off or the files are not local."""
+    root_setting = os.environ.get("LOWRANK_CACHE_DIR", "~/.cache/lowrank")
+    root = Path(str(data_dir)).expanduser()
+    files = [root / rel for rel in local_files(task).values()]
+    if root_setting.lower() in ("off", "0", "") or not all(f.is_file() for f in files):
+        return None
+    from omegaconf import OmegaConf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    key = json.dumps({"task": OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task,
+                      "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                      "tokenizer": [type(tokenizer).__name__, hashlib.sha1(vocab.encode()).hexdigest(),
+                                    tokenizer.pad_token_id, tokenizer.eos_token_id],
+                      "max_seq_len": max_seq_len, "max_eval_samples": max_eval_samples, "format": 1},
+                     sort_keys=True, default=str)
+    return Path(root_setting).expanduser() / "tokenised" / f"{task.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pkl"
+
+
 def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None = None) -> TaskData:
-    """Read ``task`` (``load_raw``) and tokenise it for ``tokenizer``, truncating at ``max_seq_len``."""
+    """Read ``task`` (``load_raw``) and tokenise it for ``tokenizer``, truncating at ``max_seq_len``; from
+    the cache when this exact tokenisation was done before."""
+    from lowrank.atomic import atomic_path
+
+    cache = _cache_file(task, tokenizer, data_dir, max_seq_len, max_eval_samples)
+    if cache is not None and cache.is_file():
+        try:
+            fields = pickle.loads(cache.read_bytes())
+        except Exception:  # noqa: BLE001 - an unreadable cache entry is rebuilt
+            fields = None
+        if fields is not None:
+            return _with_decoder(TaskData(**fields), tokenizer)
+    td = _tokenise(task, tokenizer, data_dir=data_dir, max_seq_len=max_seq_len, max_eval_samples=max_eval_samples)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fields = {k: getattr(td, k) for k in ("kind", "train", "eval", "pad_id", "prompts", "references", "sources")}
+        with atomic_path(cache) as tmp:
+            tmp.write_bytes(pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL))
+    return td
+
+
+def _with_decoder(td: TaskData, tokenizer) -> TaskData:
+    if td.kind == "generation":
+        td.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return td
+
+
+def _tokenise(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None) -> TaskData:
     raw = load_raw(task, data_dir)
     train, ev = raw["train"], raw["eval"]
     if max_eval_samples is not None and max_eval_samples < len(ev):
@@ -188,7 +262,7 @@ def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int |
             return {"input_ids": enc["input_ids"], "labels": batch["label"]}
         train = train.map(encode, batched=True, remove_columns=train.column_names, keep_in_memory=True)
         ev = ev.map(encode, batched=True, remove_columns=ev.column_names, keep_in_memory=True)
-        return TaskData("classification", train, ev, pad_id)
+        return TaskData("classification", _columns(train), _columns(ev), pad_id)
 
     def encode_pairs(batch, column):  # train: one row per (mr, ref); eval: (mr, refs), loss on the first ref
         pairs = [_generation_example(tokenizer, task.prompt.format(mr=mr), ref if isinstance(ref, str) else ref[0],
@@ -196,31 +270,55 @@ def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int |
         return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
 
     prompts = [tokenizer(task.prompt.format(mr=mr))["input_ids"][-max_seq_len:] for mr in ev["mr"]]
-    return TaskData("generation",
-                    train.map(encode_pairs, fn_kwargs={"column": "ref"}, batched=True,
-                              remove_columns=train.column_names, keep_in_memory=True),
-                    ev.map(encode_pairs, fn_kwargs={"column": "refs"}, batched=True,
-                           remove_columns=ev.column_names, keep_in_memory=True),
-                    pad_id, prompts=prompts, references=list(ev["refs"]), sources=list(ev["mr"]),
-                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    td = TaskData("generation",
+                  _columns(train.map(encode_pairs, fn_kwargs={"column": "ref"}, batched=True,
+                                     remove_columns=train.column_names, keep_in_memory=True)),
+                  _columns(ev.map(encode_pairs, fn_kwargs={"column": "refs"}, batched=True,
+                                  remove_columns=ev.column_names, keep_in_memory=True)),
+                  pad_id, prompts=prompts, references=list(ev["refs"]), sources=list(ev["mr"]))
+    return _with_decoder(td, tokenizer)
 
 
-def collate(examples: dict[str, list], pad_id: int, kind: str) -> dict[str, torch.Tensor]:
-    """Pad a batch (``Dataset[indices]``: a dict of lists) on the right to its longest sequence."""
+def _columns(split) -> Columns:
+    return Columns({k: list(split[k]) for k in ("input_ids", "labels")})
+
+
+def bucket_width(longest: int, max_len: int, buckets: int) -> int:
+    """The padded width of a batch whose longest sequence is ``longest``: with ``buckets`` > 0, the
+    smallest of ``buckets`` fixed widths (``max_len·k/buckets`` rounded up to a multiple of 8, k = 1..buckets)
+    that holds it, so a compiled graph (and its CUDA graph) is reused for every batch of that bucket;
+    with 0, ``longest`` itself."""
+    if buckets <= 0 or longest > max_len:
+        return longest
+    for k in range(1, buckets + 1):
+        width = min(max_len, -(-max_len * k // buckets // 8) * 8)
+        if width >= longest:
+            return width
+    return max_len
+
+
+def collate(examples: dict[str, list], pad_id: int, kind: str, *, width: int | None = None,
+            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Pad a batch (``Dataset[indices]``: a dict of lists) on the right to its longest sequence (or to
+    ``width``) and move it to ``device`` (an asynchronous copy on CUDA)."""
     ids = examples["input_ids"]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    width = max(width or 0, max(len(x) for x in ids))
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
     for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x)
+        input_ids[i, :len(x)] = x
         mask[i, :len(x)] = 1
     if kind == "classification":
-        labels = torch.tensor(examples["labels"], dtype=torch.long)
+        labels = np.asarray(examples["labels"], dtype=np.int64)
     else:
-        labels = torch.full((len(ids), width), IGNORE, dtype=torch.long)
+        labels = np.full((len(ids), width), IGNORE, dtype=np.int64)
         for i, y in enumerate(examples["labels"]):
-            labels[i, :len(y)] = torch.tensor(y)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+            labels[i, :len(y)] = y
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type == "cpu":
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
+    return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def weight_dtype(setting: str, device: torch.device, bf16_autocast: bool) -> torch.dtype:
+    """``model.dtype``: ``auto`` stores the weights in bf16 where the forward runs in bf16 on CUDA, float32
+    otherwise (the trainer then keeps the trainable tensors, adapters and head, in float32)."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and bf16_autocast else torch.float32
+    return DTYPES[setting]
+
+
 def _quiet() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -100,16 +108,16 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load(model_cfg, task_cfg, config=None) -> tuple[nn.Module, object]:
-    """``(model, tokenizer)`` for ``task_cfg.kind``; a new classification head is randomly initialised
-    from torch's global RNG, so seed before calling."""
+def load(model_cfg, task_cfg, config=None, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for ``task_cfg.kind`` with weights in ``dtype`` (default: ``model.dtype``, float32
+    for ``auto``); a new classification head is randomly initialised from torch's global RNG, so seed first."""
     _quiet()
     path, kwargs = source(model_cfg)
     config = config if config is not None else load_config(model_cfg, task_cfg)
     tokenizer = load_tokenizer(model_cfg)
     config.pad_token_id = tokenizer.pad_token_id
     model = _loading("weights", model_cfg, _auto_class(task_cfg).from_pretrained, path, config=config,
-                     dtype=DTYPES[model_cfg.dtype], **kwargs)
+                     dtype=dtype or DTYPES.get(model_cfg.dtype, torch.float32), **kwargs)
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -4,21 +4,26 @@ AdamW (weight decay on ≥2-D tensors only), linear warm-up then linear decay to
 accumulation, bf16 autocast on CUDA, evaluation every ``eval_every`` steps (and at the end) keeping the best
 and final metrics, a tqdm bar when attached to a terminal.
 
+Speed. On CUDA the loop takes the fast path of ``lowrank.runner.accel`` (``trainer.compile``,
+``trainer.fused_loss``, ``trainer.length_buckets``; see ``accel.plan``): the blocks compiled with CUDA graphs,
+batches padded to a few fixed widths, the fused causal-LM loss. The loop never waits for the GPU inside a
+step: each step's loss stays on the device, and the losses since the last read are read at once when the
+loop logs, evaluates or checkpoints (one host sync per logged step).
+
 Determinism and resume. Every random draw comes from a seeded source: the model's new head and the adapter
 initialisation from torch's global RNG (seeded by ``seed_everything`` before the model is built), dropout
 from the same global RNG, and the data order from a generator seeded by ``(seed, epoch)`` — so the batch
 sequence is a pure function of the seed and the step. A checkpoint (every ``checkpoint_every`` steps, and at
-the end) holds the trainable tensors (safetensors), the optimizer and scheduler state and the torch RNG
-(``optimizer.pt``, read back with ``weights_only=True``), and the loop's state and Python/NumPy RNG
-(``state.json``); it is written to a temporary folder and renamed, and older ones are deleted. Resuming
-restores all of it and skips the batches already consumed, so an interrupted run ends with the same numbers
-as an uninterrupted one.
+the end; ``lowrank.runner.checkpoints``) holds the trainable tensors, the optimizer, scheduler and RNG states
+and the loop's state. Resuming restores all of it and skips the batches already consumed, so an interrupted
+run ends with the same numbers as an uninterrupted one.
 
 Trajectory. At the steps in ``save_weights_at`` (or every ``save_weights_every``), the target modules'
 effective weights W0 + ΔW (float32, ``(out, in)``) go to ``checkpoints/weights-step{N}.safetensors`` and are
 never deleted — the input of DoRA's Figure 2 magnitude/direction analysis.
 
-A NaN or infinite loss raises ``TrainingFailed`` with the step.
+A NaN or infinite loss raises ``TrainingFailed`` with the first step that had one (found when the losses
+are read, at most ``log_every`` steps later, and always before an evaluation or a checkpoint).
 """
 
 from __future__ import annotations
@@ -26,29 +31,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
+import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank.atomic import atomic_path, write_text
-from lowrank.io import save_tensors
-from lowrank.runner import distributed
-from lowrank.runner.rundir import CHECKPOINTS, GENERATIONS, weights_file
-from lowrank.io import load_into
-from lowrank.runner.data import IGNORE, TaskData, collate, left_pad
-from lowrank.runner.metrics import accuracy, corpus_bleu, matthews_corrcoef
+from lowrank.atomic import write_text
+from lowrank.runner import accel, distributed
+from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from lowrank.runner.data import TaskData, bucket_width, collate
+from lowrank.runner.evaluate import evaluate
+from lowrank.runner.loss import autocast, batch_loss, can_fuse, loss_fn  # noqa: F401 - loss_fn: public here too
+from lowrank.runner.rundir import CHECKPOINTS, GENERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class FitResult:
     resumed_from: int | None = None  # the checkpoint step this process started from
     wall_time_s: float = 0.0         # training time summed over every process that worked on the run
     generations: list = field(default_factory=list)
+    step_time_s: float | None = None    # median training step of this process (between host syncs)
+    first_step_at: float | None = None  # wall clock (time.time()) when this process's first step was done
+    fast_path: str = ""                 # what accel.plan chose
 
 
 # ---- set-up -------------------------------------------------------------------------------------------
@@ -79,18 +83,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (``auto``) or where asked (``bf16``); float32 otherwise."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms, DoRA magnitudes)."""
+    """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms, DoRA magnitudes). On
+    CUDA with float32 parameters, PyTorch's fused kernel (one launch for the whole update, same maths)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
+    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), fused=fused or None)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -145,147 +145,6 @@ def total_steps(cfg, n_train: int) -> int:
     return cfg.max_steps or cfg.epochs * (n_train // cfg.batch_size)
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy: per sequence for classification, per target token (shifted) for generation."""
-    if kind == "classification":
-        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE, label_smoothing=label_smoothing)
-
-
-# ---- evaluation ---------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) -> tuple[dict, list]:
-    """``({"eval/<metric>": value}, generations)`` on the eval set; the model is left in eval mode."""
-    model.eval()
-    loss_sum, count, predicted = 0.0, 0, {}
-    ev = data.eval
-    # batches of similar length pad little; predictions go back to dataset order
-    order = sorted(range(len(ev)), key=lambda i: len(ev[i]["input_ids"]))
-    for start in range(0, len(order), cfg.eval_batch_size):
-        indices = order[start:start + cfg.eval_batch_size]
-        batch = {k: v.to(device) for k, v in collate(ev[indices], data.pad_id, data.kind).items()}
-        with autocast(device, cfg.precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += loss_fn(logits, batch["labels"], data.kind).item() * len(indices)
-        count += len(indices)
-        if data.kind == "classification":
-            predicted.update(zip(indices, logits.argmax(-1).tolist()))
-    metrics = {"eval/loss": loss_sum / max(count, 1)}
-    if data.kind == "classification":
-        labels = list(ev["labels"])
-        predictions = [predicted[i] for i in range(len(ev))]
-        metrics["eval/accuracy"] = accuracy(predictions, labels)
-        metrics["eval/mcc"] = matthews_corrcoef(predictions, labels)
-        return metrics, []
-    generations = generate(model, data, task, cfg, device)
-    metrics["eval/bleu"] = corpus_bleu([g["prediction"] for g in generations], data.references)
-    return metrics, generations
-
-
-@torch.no_grad()
-def generate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) -> list[dict]:
-    """Decode every eval prompt (greedy, or beam search with ``task.generation.num_beams``)."""
-    gen = task.generation
-    out = []
-    tokenizer_eos = model.generation_config.eos_token_id
-    for start in range(0, len(data.prompts), cfg.eval_batch_size):
-        prompts = data.prompts[start:start + cfg.eval_batch_size]
-        batch = {k: v.to(device) for k, v in left_pad(prompts, data.pad_id).items()}
-        with autocast(device, cfg.precision):
-            ids = model.generate(**batch, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
-                                 length_penalty=gen.length_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
-                                 do_sample=False, pad_token_id=data.pad_id, eos_token_id=tokenizer_eos)
-        for i, row in enumerate(ids[:, batch["input_ids"].shape[1]:].tolist()):
-            text = data.decode(row).strip()
-            # E2E references are one line: a description ends at the first line break (the model may go on)
-            out.append({"mr": data.sources[start + i], "prediction": text.split("\n")[0].strip(),
-                        "references": data.references[start + i]})
-    return out
-
-
-# ---- weights and checkpoints --------------------------------------------------------------------------
-
-def target_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """The effective weight of each named module as a float32 ``(out, in)`` matrix: W0 + ΔW for an
-    adapted layer, the layer's own weight otherwise (full fine-tuning, BitFit, head)."""
-    from lowrank.adapters.base import AdaptedLayer, layer_kind, weight_matrix
-
-    out = {}
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, AdaptedLayer):
-            w = module.base_matrix().detach().float() + module.delta_weight()
-        else:
-            w = weight_matrix(module, layer_kind(module)).detach().float()
-        out[name] = w.cpu().contiguous()
-    return out
-
-
-def save_weights(model: nn.Module, names: list[str], folder: Path, step: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return save_tensors(folder / weights_file(step), target_weights(model, names), {"step": str(step)})
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint folder (``step-N``), ignoring half-written ``.tmp`` ones."""
-    done = [p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoint ``step-N`` atomically (temporary folder, then rename) and delete the older ones."""
-    from lowrank import trainable_state_dict
-
-    final = folder / f"step-{state['step']}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(final) as tmp:
-        tmp.mkdir()
-        save_tensors(tmp / "trainable.safetensors", trainable_state_dict(model))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "optimizer.pt")
-        rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng}, indent=1))
-    for old in folder.glob("step-*"):  # keep the newest only (and drop half-written ones)
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
-    """Restore a ``save_checkpoint`` folder into model/optimizer/scheduler and the RNGs; return the state."""
-    tensors = load_file(str(path / "trainable.safetensors"))
-    load_into(model, tensors, f"checkpoint {path}", fix="it belongs to another configuration: delete it or "
-                                                         "use another run dir")
-    blob = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["torch_rng"].cpu())
-    if blob["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
-    state = json.loads((path / "state.json").read_text())
-    rng = state.pop("rng")
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    return state
-
-
-def _jsonable(value):
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _progress(cfg, total: int, initial: int):
     from tqdm.auto import tqdm
 
@@ -298,6 +157,55 @@ def _better(value: float, best: float | None) -> bool:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
+
+class _Losses:
+    """Each step's loss, kept on the device until ``read`` copies all of them to the host at once."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def read(self) -> list[float]:
+        """The pending losses (one host sync); ``TrainingFailed`` at the first non-finite one."""
+        if not self.pending:
+            return []
+        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist()
+        for (step, _), value in zip(self.pending, values):
+            if not math.isfinite(value):
+                raise TrainingFailed(f"loss is {value} at step {step}", step)
+        self.pending = []
+        return values
+
+
+class _StepClock:
+    """Training time per step, measured between host syncs (so the GPU's work is inside), over windows
+    that hold only training steps; the first step of a process (compilation) is timed on its own."""
+
+    def __init__(self):
+        self.start, self.steps, self.per_step, self.first_step_at = time.perf_counter(), 0, [], None
+
+    def step(self, device: torch.device) -> None:
+        self.steps += 1
+        if self.first_step_at is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once per process: when the first step is really done
+            self.first_step_at = time.time()
+            self.restart()
+
+    def read(self) -> None:
+        """Close the window at a host sync (the losses were just read)."""
+        if self.steps:
+            self.per_step.append((time.perf_counter() - self.start) / self.steps)
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def median(self) -> float | None:
+        return statistics.median(self.per_step) if self.per_step else None
+
 
 def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int, tracker,
         weight_names: list[str] = (), fingerprint: str = "", identity: dict | None = None,
@@ -313,6 +221,9 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     """
     device = world.device(cfg.device, job_num)
     model.to(device)
+    fast = accel.plan(cfg, device, can_fuse(model, data.kind, cfg.label_smoothing, world.active))
+    accel.prepare(model, fast)
+    log.info("fast path on %s: %s", device, fast.describe())
     ckpt_dir = out_dir / CHECKPOINTS
     micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
     total = total_steps(cfg, len(data.train))
@@ -342,8 +253,10 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
 
     started = time.time()
-    lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
+    columns = {k: list(data.train[k]) for k in ("input_ids", "labels")}  # plain lists: cheap to index per step
+    lengths = [len(x) for x in columns["input_ids"]] if cfg.group_by_length else None
     batches = batch_order(len(data.train), cfg.batch_size, seed, start=state["step"], lengths=lengths)
+    losses, clock = _Losses(), _StepClock()
     generations: list = []
     model.train()
     bar = _progress(cfg, total, state["step"])
@@ -353,33 +266,48 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         if schedule is not None:  # a per-step choice of what trains (gradual unfreezing)
             schedule(step)
         indices = world.shard(next(batches))
+        step_loss = None
         for m in range(0, len(indices), micro):  # grad_accum micro-batches
-            batch = {k: v.to(device) for k, v in collate(data.train[indices[m:m + micro]], data.pad_id,
-                                                          data.kind).items()}
+            rows = indices[m:m + micro]
+            ids = [columns["input_ids"][i] for i in rows]
+            batch = collate({"input_ids": ids, "labels": [columns["labels"][i] for i in rows]}, data.pad_id,
+                            data.kind, width=bucket_width(max(map(len, ids)), cfg.max_seq_len, fast.buckets),
+                            device=device)
+            if "cudagraphs" in fast.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are dead
             with world.no_sync(net, last_micro_batch=m + micro >= len(indices)):
                 with autocast(device, cfg.precision):
-                    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise TrainingFailed(f"loss is {loss.item()} at step {step}", step)
+                    loss = batch_loss(net, model, batch, data.kind, fused=fast.fused_loss,
+                                      label_smoothing=cfg.label_smoothing)
                 (loss / cfg.grad_accum).backward()
-            state["loss_sum"] += loss.item() / cfg.grad_accum
+            part = loss.detach().float() / cfg.grad_accum
+            step_loss = part if step_loss is None else step_loss + part
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step
-        state["loss_count"] += 1
+        losses.add(step, step_loss)
+        clock.step(device)
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == total:
-            mean = world.mean(state["loss_sum"] / state["loss_count"])
+        logs = step % cfg.log_every == 0 or step == total
+        evaluates = ((cfg.eval_every and step % cfg.eval_every == 0) or step == total) and world.is_main
+        checkpoints = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total
+        if not (logs or evaluates or checkpoints or step in weight_steps):
+            continue
+        values = losses.read()  # the one host sync of these steps
+        clock.read()
+        state["loss_sum"] += sum(values)
+        state["loss_count"] += len(values)
+        if logs:
+            mean = world.mean(state["loss_sum"] / max(state["loss_count"], 1))
             tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/epoch":
                          step * cfg.batch_size / len(data.train)}, step)
             bar.set_postfix(loss=f"{mean:.4f}")
             state["loss_sum"], state["loss_count"] = 0.0, 0
-        if ((cfg.eval_every and step % cfg.eval_every == 0) or step == total) and world.is_main:
+        if evaluates:
             metrics, generations = evaluate(model, data, task, cfg, device)
             model.train()
             metrics = {**metrics, "step": step}
@@ -393,16 +321,18 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
                 _write_generations(out_dir, step, generations)
         if step in weight_steps and world.is_main:
             save_weights(model, list(weight_names), ckpt_dir, step)
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total:
+        if checkpoints:
             state["wall_time_s"] += time.time() - started
             started = time.time()
             if world.is_main:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
             world.barrier()  # no rank runs ahead of the checkpoint it would resume from
+        clock.restart()  # evaluation and files are not training time
     bar.close()
     state["wall_time_s"] += time.time() - started
     return FitResult(steps=total, final=state["final"], best=state["best"], resumed_from=resumed_from,
-                     wall_time_s=state["wall_time_s"], generations=generations)
+                     wall_time_s=state["wall_time_s"], generations=generations, step_time_s=clock.median(),
+                     first_step_at=clock.first_step_at, fast_path=fast.describe())
 
 
 def _write_generations(out_dir: Path, step: int, generations: list[dict]) -> None:

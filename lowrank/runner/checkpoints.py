@@ -1,0 +1,102 @@
+"""What a run keeps on disk while it trains: resumable checkpoints and the weight trajectory.
+
+A checkpoint (``step-N`` under the run's ``checkpoints/``) holds the trainable tensors (safetensors), the
+optimizer and scheduler state and the torch RNG (``optimizer.pt``, read back with ``weights_only=True``),
+and the loop's state and Python/NumPy RNG (``state.json``); it is written to a temporary folder and
+renamed, and older ones are deleted. The trajectory files ``weights-step{N}.safetensors`` hold the target
+modules' effective weights W0 + ΔW (float32, ``(out, in)``) and are never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lowrank.atomic import atomic_path
+from lowrank.io import load_into, save_tensors
+from lowrank.runner.rundir import weights_file
+
+
+def target_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The effective weight of each named module as a float32 ``(out, in)`` matrix: W0 + ΔW for an
+    adapted layer, the layer's own weight otherwise (full fine-tuning, BitFit, head)."""
+    from lowrank.adapters.base import AdaptedLayer, layer_kind, weight_matrix
+
+    out = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, AdaptedLayer):
+            w = module.base_matrix().detach().float() + module.delta_weight()
+        else:
+            w = weight_matrix(module, layer_kind(module)).detach().float()
+        out[name] = w.cpu().contiguous()
+    return out
+
+
+def save_weights(model: nn.Module, names: list[str], folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_tensors(folder / weights_file(step), target_weights(model, names), {"step": str(step)})
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint folder (``step-N``), ignoring half-written ``.tmp`` ones."""
+    done = [p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoint ``step-N`` atomically (temporary folder, then rename) and delete the older ones."""
+    from lowrank import trainable_state_dict
+
+    final = folder / f"step-{state['step']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_tensors(tmp / "trainable.safetensors", trainable_state_dict(model))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "optimizer.pt")
+        rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng}, indent=1))
+    for old in folder.glob("step-*"):  # keep the newest only (and drop half-written ones)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
+    """Restore a ``save_checkpoint`` folder into model/optimizer/scheduler and the RNGs; return the state."""
+    tensors = load_file(str(path / "trainable.safetensors"))
+    load_into(model, tensors, f"checkpoint {path}", fix="it belongs to another configuration: delete it or "
+                                                         "use another run dir")
+    blob = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"].cpu())
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
+    state = json.loads((path / "state.json").read_text())
+    rng = state.pop("rng")
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

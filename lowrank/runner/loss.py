@@ -1,0 +1,68 @@
+"""What one forward computes: the precision it runs in and the loss.
+
+``autocast`` picks bf16 autocast on CUDA (``precision: auto``) or where asked. ``loss_fn`` is the
+cross-entropy from logits: per sequence for classification, per target token (shifted by one) for
+causal LMs. ``batch_loss`` is the training loss of one micro-batch, either through the logits or, with
+``fused=True`` on a causal LM, through ``lowrank.runner.accel.causal_lm_loss`` (the LM head and the
+cross-entropy fused and chunked: the (tokens × vocabulary) logits never exist). Both are transformers'
+``ForCausalLMLoss``: the mean over the non-ignored shifted labels.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank.runner.data import IGNORE
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether the forward runs under bf16 autocast: ``bf16``, or ``auto`` on CUDA."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (``auto``) or where asked (``bf16``); float32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy: per sequence for classification, per target token (shifted) for generation."""
+    if kind == "classification":
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE, label_smoothing=label_smoothing)
+
+
+def can_fuse(model: nn.Module, kind: str, label_smoothing: float, distributed: bool) -> str | None:
+    """Why the fused causal-LM loss cannot be used here (None when it can)."""
+    if kind != "generation":
+        return "the task is not a causal LM"
+    if label_smoothing:
+        return "trainer.label_smoothing > 0"
+    if distributed:
+        return "DDP runs the model's own forward"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or type(head) is not nn.Linear:
+        return "the LM head is not a plain nn.Linear (adapted or tied differently)"
+    return None
+
+
+def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fused: bool = False,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """The mean training loss of one micro-batch (run it under ``autocast``).
+
+    ``net`` runs the forward (the DDP wrapper when distributed), ``model`` is the model itself (the
+    fused path calls its decoder and LM head directly).
+    """
+    if fused:
+        from lowrank.runner.accel import causal_lm_loss
+
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
+                              ignore_index=IGNORE)
+    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return loss_fn(logits, batch["labels"], kind, label_smoothing)
