@@ -42,6 +42,7 @@ ANALYSES = {
     "amplification": (_command("amplification", "amplification"), "LoRA Table 7: ΔW vs W amplification, per layer"),
     "decomposition": (_command("decomposition", "decomposition"), "DoRA Figure 2: magnitude vs direction over checkpoints"),
     "tables": (_command("tables", "tables"), "LoRA Tables 5-6 from a sweep's aggregate table"),
+    "costs": (_command("costs", "costs"), "Cost model: predicted vs measured memory per method, stacked bars"),
 }
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from lowrank.adapters import spec as adapter_spec
 from lowrank.adapters.base import AdaptedLayer
+from lowrank.adapters.injected import injected_module
 from lowrank.targeting import resolve
 
 #: Task heads that ``adapt`` keeps trainable when ``train_modules`` is not given (PEFT's SEQ_CLS choice).
@@ -61,17 +62,19 @@ def adapt(model: nn.Module, adapter: str, *, targets: Iterable[str] | None = Non
     """Adapt ``model`` in place with ``adapter`` and return it.
 
     Args:
-        adapter: one of ``lowrank.ADAPTERS``: lora, dora, flora, ia3, bitfit, head, full.
+        adapter: one of ``lowrank.ADAPTERS``: lora, dora, flora, ia3, bitfit, head, full, houlsby, pfeiffer,
+            prefix, ptuning2, prompt, ptuning, top, gradual.
         targets: paper names ``q``, ``k``, ``v``, ``o`` (also ``gate``, ``up``, ``down``), mapped per
             architecture family, or explicit module names (exact, suffix, or ``re:<regex>``). Default
             ``[q, v]`` (LoRA §4.2); for ia3 ``[k, v, down]``.
-        rank: r of the low-rank update (LoRA/DoRA/FLoRA).
+        rank: r of the low-rank update (LoRA/DoRA/FLoRA); the bottleneck width of houlsby/pfeiffer.
         alpha: LoRA's α; the scaling is α/r (α/√r with ``rslora=True``). ``None`` means α = r.
         layers: layer indices to adapt (default: all).
         options: ``dropout`` (input dropout of the update branch, default 0), ``rslora``,
             ``dora_norm`` ('detached', DoRA §4.3, default; or 'exact'), ``dora_fast`` (fold the scale
             into the weights when training; same function, see lowrank/adapters/dora.py), FLoRA ``scale`` and ``ranks``,
-            IA3 ``feedforward``, and ``train_modules`` (modules trained in full besides the adapter;
+            IA3 ``feedforward``; the options of the other methods are listed in their registry entries
+            and documented in their modules (``lowrank/adapters/``); and ``train_modules`` (modules trained in full besides the adapter;
             default: a ``classifier``/``score``/``qa_outputs`` head if the model has one).
     """
     spec = adapter_spec(adapter)
@@ -103,6 +106,8 @@ def adapt(model: nn.Module, adapter: str, *, targets: Iterable[str] | None = Non
                 continue  # a trained head is trained in full, not adapted
             _replace(model, target.name, spec.build(target, rank, alpha, options))
             wrapped.append(target.name)
+    if spec.inject is not None:  # model-level methods: prefixes, prompts, block selection
+        spec.inject(model, targets=targets, layers=layers, rank=rank, options=options)
     for name, module in model.named_modules():
         if any(name == h or name.endswith("." + h) for h in heads):
             for p in module.parameters():
@@ -152,10 +157,23 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def fold(model: nn.Module) -> nn.Module:
+    """Fold a model-level reparameterisation away (Prefix-Tuning's MLP, P-Tuning's encoder): the same
+    function with its values as plain parameters; the adapter config then rebuilds the folded form."""
+    injected = injected_module(model)
+    if injected is not None:
+        overrides = injected.fold()
+        config = getattr(model, CONFIG_ATTR, None)
+        if config is not None:
+            config["options"].update(overrides)
+    return model
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every ΔW into its base weight (and any reparameterisation, see ``fold``)."""
     for layer in adapted_modules(model).values():
         layer.merge()
-    return model
+    return fold(model)
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:

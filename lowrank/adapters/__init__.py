@@ -6,7 +6,11 @@ An entry (``AdapterSpec``) says what the method is and how to handle it everywhe
   ``trains(parameter_name)`` picks the base parameters that train (methods that select parameters);
 - ``read_factors(module, tensors, scaling)`` reads a saved module's low-rank factors back (what the
   results API and the analyses use), and ``delta_from_factors`` says ΔW = scaling · B A exactly;
-- ``options`` are the keyword options ``lowrank.adapt`` accepts for it, ``default_targets`` its targets.
+- ``options`` are the keyword options ``lowrank.adapt`` accepts for it, ``default_targets`` its targets;
+- ``inject(model, targets, layers, rank, options)`` acts at the model level (after any wrapping): it adds
+  a module or tokens (prefixes, soft prompts; ``lowrank.adapters.injected``) or chooses what trains
+  (top blocks, a norm-training switch); ``has_delta`` is False for methods with no ΔW of a weight matrix
+  (the weight analyses refuse them).
 
 Adding a method: a module here with its layer and ``build``, an entry below, ``conf/adapter/<name>.yaml``
 naming its source, and a float64 reference test.
@@ -17,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from lowrank.adapters import dora, flora, ia3, lora
+from lowrank.adapters import bottleneck, dora, flora, ia3, layers, lora, prefix, prompt
 from lowrank.adapters.base import AdaptedLayer, layer_kind
 from lowrank.adapters.dora import DoRA
 from lowrank.adapters.flora import FLoRA
@@ -37,6 +41,8 @@ class AdapterSpec:
     trains: Callable[[str], bool] | None = None
     read_factors: Callable[[str, dict, float], dict] | None = None
     delta_from_factors: bool = False
+    inject: Callable[..., object] | None = None
+    has_delta: bool = True
 
     @property
     def wraps(self) -> bool:
@@ -64,6 +70,31 @@ ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
                 trains=lambda name: name.endswith("bias")),
     AdapterSpec("head", "Head", "frozen backbone, train the task head only", trains=lambda name: False),
     AdapterSpec("full", "FT", "full fine-tuning of every weight", trains=lambda name: True),
+    AdapterSpec("houlsby", "AdapterH", "Houlsby et al. 2019 (arXiv 1902.00751): h + W_up f(W_down h) after the "
+                "attention output and the FFN, LayerNorms trained", uses_rank=True,
+                options=("nonlinearity", "init_std", "train_norms"), default_targets=("o", "down"),
+                build=bottleneck.build_houlsby, inject=bottleneck.norms_trained(True), has_delta=False),
+    AdapterSpec("pfeiffer", "AdapterP", "Pfeiffer et al. 2020 (arXiv 2005.00247): one bottleneck adapter after "
+                "the FFN", uses_rank=True, options=("nonlinearity", "init_std", "train_norms"),
+                default_targets=("down",), build=bottleneck.build_pfeiffer, inject=bottleneck.norms_trained(False),
+                has_delta=False),
+    AdapterSpec("prefix", "Prefix", "Prefix-Tuning, Li & Liang 2021 (arXiv 2101.00190): trained key/value "
+                "prefixes at every layer through an MLP, folded after training", options=("length", "reparam",
+                "hidden"), inject=prefix.inject_prefix, has_delta=False),
+    AdapterSpec("ptuning2", "P-Tuning v2", "P-Tuning v2, Liu et al. 2021 (arXiv 2110.07602): trained key/value "
+                "prefixes at every layer", options=("length", "reparam", "hidden"), inject=prefix.inject_ptuning2,
+                has_delta=False),
+    AdapterSpec("prompt", "Prompt", "Prompt Tuning, Lester et al. 2021 (arXiv 2104.08691): soft tokens in the "
+                "input embeddings", options=("length", "init", "init_ids"), inject=prompt.inject_prompt,
+                has_delta=False),
+    AdapterSpec("ptuning", "P-Tuning", "P-Tuning, Liu et al. 2021 (arXiv 2103.10385): soft tokens from an "
+                "LSTM/MLP prompt encoder", options=("length", "init", "init_ids", "encoder", "hidden"),
+                inject=prompt.inject_ptuning, has_delta=False),
+    AdapterSpec("top", "FT^Top2", "fine-tune the top k blocks and the head (LoRA paper Table 2, k=2)",
+                options=("k",), trains=lambda name: False, inject=layers.inject_top),
+    AdapterSpec("gradual", "Gradual", "gradual unfreezing, Howard & Ruder 2018 (arXiv 1801.06146): one more "
+                "block from the top every N steps", options=("every", "k"), trains=lambda name: False,
+                inject=layers.inject_gradual),
 )}
 
 

@@ -123,6 +123,31 @@ def _since_process_start(when: float | None) -> float | None:
         return None
 
 
+def _rss_mb() -> float | None:
+    try:
+        return round(int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        return None
+
+
+def _predicted_costs(model, cfg) -> dict | None:
+    """``lowrank.runner.costs.predict`` for this run's micro-batch at ``max_seq_len`` (an upper bound: batches
+    are padded to their longest sequence); None where the model's shape is not known to the cost model."""
+    import torch
+
+    from lowrank.runner import costs
+
+    t = cfg.trainer
+    device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
+    try:
+        return costs.predict(model, batch=t.batch_size // t.grad_accum, seq=t.max_seq_len, autocast=autocast,
+                             kind=cfg.task.kind, device=device).to_dict()
+    except (AttributeError, TypeError, ValueError) as e:
+        log.warning("no cost prediction (%s)", first_line(e))
+        return None
+
+
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|datasets)\..*")
@@ -172,6 +197,7 @@ def run(cfg: DictConfig) -> dict:
 
     started = time.time()
     startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
+    rss_at_start = _rss_mb()
     job = hydra_job()
     model_config = models.load_config(cfg.model, cfg.task)
     check_targets(cfg, model_config)
@@ -185,6 +211,7 @@ def run(cfg: DictConfig) -> dict:
     lowrank.adapt(model, kwargs.pop("adapter"), **kwargs)
     startup["model_loaded"] = _since_process_start(time.time())
     trainable, total = lowrank.count_parameters(model)
+    predicted = _predicted_costs(model, cfg)
     data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
                           max_eval_samples=cfg.trainer.max_eval_samples)
     startup["data_loaded"] = _since_process_start(time.time())
@@ -200,6 +227,7 @@ def run(cfg: DictConfig) -> dict:
               "final": None, "best": None, "config": resolved, "overrides": job["overrides"], "job": job["name"],
               "fingerprint": fp, "trainable_params": trainable, "total_params": total,
               "trainable_fraction": trainable / total, "steps": None, "resumed_from_step": None,
+              "predicted_costs": predicted, "rss_at_start_mb": rss_at_start,
               "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")}
     try:
         fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=tracker,
@@ -207,6 +235,7 @@ def run(cfg: DictConfig) -> dict:
                         job_num=job["num"])
         scaling = {name: layer.scaling for name, layer in lowrank.adapted_modules(model).items()
                    if hasattr(layer, "scaling")}
+        lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
                       resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),
@@ -257,7 +286,11 @@ def weight_modules(model, cfg) -> list[str]:
     import lowrank
     from lowrank.targeting import resolve
 
+    from lowrank.adapters import spec
+
     adapted = list(lowrank.adapted_modules(model))
+    if not spec(cfg.adapter.name).has_delta:
+        return []  # no ΔW: no weight trajectory
     if adapted or not (cfg.trainer.save_weights_at or cfg.trainer.save_weights_every):
         return adapted
     return [t.name for t in resolve(model, list(cfg.targets), None if cfg.layers is None else list(cfg.layers))]

@@ -262,6 +262,9 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     bar = _progress(cfg, total, state["step"])
     while state["step"] < total:
         step = state["step"] + 1
+        schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)
+        if schedule is not None:  # a per-step choice of what trains (gradual unfreezing)
+            schedule(step)
         indices = world.shard(next(batches))
         step_loss = None
         for m in range(0, len(indices), micro):  # grad_accum micro-batches
