@@ -56,19 +56,24 @@ def theirs(args: list[str], out: Path) -> dict:
     return {**result, "returncode": proc.returncode, "process_s": round(wall, 2)}
 
 
-def minilm(tmp: Path, model: str, extra: list[str]) -> dict:
-    a = ours(tmp / "minilm", [f"model.pretrained={model}", *extra])
+def minilm(tmp: Path, model: str, extra: list[str], modes: list[str]) -> dict:
+    """One HF Trainer + PEFT run, and run.py once per ``trainer.compile`` mode (``auto`` alone by default)."""
     b = theirs(["--task", "sst2", "--model", model], tmp / "hf_minilm.json")
-    return {"ours": a, "hf": b, "ratio": _ratios(a, b)}
+    out = {"hf": b}
+    for mode in modes:
+        a = ours(tmp / f"minilm-{mode}", [f"model.pretrained={model}", f"trainer.compile={mode}", *extra])
+        out[mode] = {"ours": a, "ratio": _ratios(a, b)}
+    return out
 
 
-def sweep(tmp: Path, model: str, jobs: int) -> dict:
+def sweep(tmp: Path, model: str, jobs: int, mode: str = "auto") -> dict:
+    folder = tmp / f"sweep-{mode}"
     wall, proc = sh([sys.executable, "run.py", "-m", "adapter=lora,dora", "rank=4,8,64", "hydra/launcher=parallel",
-                     "logger=none", f"model.pretrained={model}", f"hydra.sweep.dir={tmp / 'sweep'}"],
-                    env={"LOWRANK_JOBS": str(jobs)})
-    runs = [json.loads(p.read_text()) for p in sorted((tmp / "sweep").glob("*/result.json"))]
+                     "logger=none", f"model.pretrained={model}", f"trainer.compile={mode}",
+                     f"hydra.sweep.dir={folder}"], env={"LOWRANK_JOBS": str(jobs)})
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/result.json"))]
     return {"command": f"LOWRANK_JOBS={jobs} python run.py -m adapter=lora,dora rank=4,8,64 "
-                       f"hydra/launcher=parallel logger=none", "jobs_per_gpu": jobs, "wall_s": round(wall, 2),
+                       f"hydra/launcher=parallel logger=none trainer.compile={mode}", "jobs_per_gpu": jobs, "wall_s": round(wall, 2),
             "returncode": proc.returncode, "completed": sum(r.get("status") == "completed" for r in runs),
             "accuracy": {r["job"]: (r.get("final") or {}).get("eval/accuracy") for r in runs},
             "per_run_wall_s": {r["job"]: r.get("wall_time_s") for r in runs}}
@@ -136,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", nargs="+", default=["lora", "dora"])
     p.add_argument("--targets", nargs="+", default=["qv", "qkvo"])
     p.add_argument("--extra", nargs="*", default=[], help="more run.py overrides for the minilm case")
+    p.add_argument("--compile", nargs="+", default=["auto"], help="trainer.compile modes of the minilm and sweep cases")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -146,9 +152,9 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for case in args.cases:
             if case == "minilm":
-                result["minilm"] = minilm(tmp, args.model, args.extra)
+                result["minilm"] = minilm(tmp, args.model, args.extra, args.compile)
             elif case == "sweep":
-                result["sweep"] = sweep(tmp, args.model, args.jobs)
+                result["sweep"] = {mode: sweep(tmp, args.model, args.jobs, mode) for mode in args.compile}
             elif case == "llama1b":
                 result["llama1b"] = llama1b(tmp, args.model, args.seq, args.steps, args.adapters, args.targets)
             print(case, json.dumps(result.get(case), default=str)[:3000], flush=True)
