@@ -315,3 +315,20 @@ def test_import_lowrank_stays_light():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", f"import lowrank pulled in {done.stdout.strip()}"
+
+
+def test_library_never_imports_the_runner():
+    """The library layer (lowrank/*.py, lowrank/adapters/) imports torch and safetensors, never the runner,
+    Hydra, datasets, W&B or transformers at module level (the two layers of the package)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(lowrank.__file__).parent
+    forbidden = ("lowrank.runner", "hydra", "omegaconf", "datasets", "wandb", "pandas")
+    found = []
+    for path in [*root.glob("*.py"), *(root / "adapters").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if n.startswith(forbidden)]
+    assert found == []
