@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank to use (default: DoRA's)")
             s.add_argument("--include-step0", action="store_true",
                            help="keep step 0 (W = W0, so ΔM = ΔD = 0) in the scatter")
+            s.add_argument("--exclude-layers", type=int, nargs="+", default=None, help="layers left out (e.g. 5)")
+            s.add_argument("--last-k", type=int, default=None, help="keep only each run's last k saved steps")
+            s.add_argument("--bootstrap", type=int, default=1000,
+                           help="resamples of layers for the 95%% interval of the pooled r (0 = none)")
+            s.add_argument("--relative-m", action="store_true",
+                           help="ΔM relative to ‖W0_n‖ (a labelled extra, not the paper's definition)")
         if name == "tables":
             s.add_argument("--metric", default=None, help="metric column (default: the accuracy-like one)")
             s.add_argument("--budget", type=int, default=None, help="rank units per layer for Table 5 (e.g. 8)")

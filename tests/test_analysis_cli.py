@@ -181,6 +181,25 @@ def test_decomposition_dora_figure2(sweep, tmp_path):
     assert s["runs"]["LoRA"].endswith("adapter=lora,rank=4,seed=0")
     assert (tmp_path / "decomposition" / "dora_fig2_q.png").is_file()
     assert (tmp_path / "decomposition" / "dora_fig2_q_correlations.md").is_file()
+    # every reading is there; the pooled r is the one on the points written beside it
+    import pandas as pd
+    from scipy import stats
+
+    pts = pd.read_csv(tmp_path / "decomposition" / "dora_fig2_q_points.csv")
+    for m in ("FT", "LoRA", "DoRA"):
+        g = pts[pts["method"] == m]
+        assert s["pearson_r"][m] == pytest.approx(stats.pearsonr(g["dD"], g["dM"])[0], abs=1e-9)
+        assert s["spearman_r"][m] == pytest.approx(stats.spearmanr(g["dD"], g["dM"])[0], abs=1e-9)
+        assert s["ci_low"][m] <= s["ci_high"][m] and set(s["within_step"][m]) == {"10", "20", "30"}
+    # options: Wv (DoRA Fig. 7) in its own folder, a layer left out, the last two steps, relative ΔM
+    assert main(["decomposition", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--matrix", "v",
+                 "--exclude-layers", "0", "--last-k", "2", "--relative-m", "--bootstrap", "50"]) == 0
+    from analysis.summaries import DecompositionSummary, load_summary
+
+    v = load_summary(DecompositionSummary, tmp_path, "decomposition_v")
+    assert v.matrix == "v" and v.relative_m and v.excluded_layers == [0]
+    assert v.points == {"FT": 4, "LoRA": 4, "DoRA": 4} and v.steps["FT"] == [20, 30]
+    assert (tmp_path / "decomposition_v" / "dora_fig2_v_relative.png").is_file()
 
 
 def test_tables(sweep, tmp_path):
