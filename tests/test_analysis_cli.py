@@ -248,3 +248,22 @@ def test_recipe_checks_read_the_typed_summaries(sweep, tmp_path):
     means = t.table6_mean[next(iter(t.table6_mean))]["Wq,Wv"]
     assert set(means) == {"4", "16"} and all(80.0 <= v <= 100.0 for v in means.values())
     assert t.table6_cells[0][:2] == ["Dataset", "Weight type"]
+
+
+def test_spectrum_of_full_and_low_rank_updates(sweep, tmp_path):
+    from analysis.spectrum import energy_top, singular_values
+    from analysis.summaries import SpectrumSummary, load_summary
+    from lowrank.runner.results import load_run
+
+    assert main(["spectrum", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--seed", "0",
+                 "--top", "1", "4"]) == 0
+    s = load_summary(SpectrumSummary, tmp_path)
+    assert set(s.runs) == {"FT seed 0", "LoRA r=4 α=8 seed 0", "LoRA r=16 α=8 seed 0", "DoRA r=4 α=8 seed 0"}
+    # a rank-4 LoRA update keeps all its energy in 4 directions; full fine-tuning's random update does not
+    assert s.energy_top_r["LoRA r=4 α=8 seed 0"]["r=4"] == pytest.approx(1.0, abs=1e-6)
+    ft = next(k for k in s.runs if k.startswith("FT"))
+    assert s.energy_top_r[ft]["r=4"] < 0.5
+    d = load_run(sweep / "adapter=lora,rank=16,seed=0").deltas()
+    e = np.median([energy_top(singular_values(x), 1) for m, x in d.items()])
+    assert s.energy_top_r["LoRA r=16 α=8 seed 0"]["r=1"] == pytest.approx(e, rel=1e-6)
+    assert (tmp_path / "spectrum" / "spectrum.png").is_file()
