@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.add_argument("--seed", type=int, default=None, help="which training seed's runs to use")
         s.add_argument("--random-seed", type=int, default=0, help="seed of the random baselines")
+        if name != "tables":
+            s.add_argument("--base-model", default=None,
+                           help="base model of PEFT adapter folders (default: their base_model_name_or_path)")
         if name not in ("decomposition", "tables", "spectrum"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "layers"):

@@ -159,6 +159,7 @@ class TablesSummary(Summary):
     tables: str = "LoRA Tables 5 and 6"
     # rows of a second grouping (e.g. alpha) when the sweep varied it: "<label>" → task → weight type → "r" → mean
     table6_by: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    table6_by_std: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -267,3 +267,48 @@ def test_spectrum_of_full_and_low_rank_updates(sweep, tmp_path):
     e = np.median([energy_top(singular_values(x), 1) for m, x in d.items()])
     assert s.energy_top_r["LoRA r=16 α=8 seed 0"]["r=1"] == pytest.approx(e, rel=1e-6)
     assert (tmp_path / "spectrum" / "spectrum.png").is_file()
+
+
+def test_peft_adapter_folders_match_run_directories(tmp_path):
+    """Two LoRA adapters built and saved by the real `peft` library, analysed as PEFT folders (given the base
+    model) and as run directories holding the same weights: identical φ (Figure 3) and Table 7 numbers."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    model_dir = _tiny_model_dir(tmp_path)
+    folders, runs = tmp_path / "peft", tmp_path / "runs"
+    for rank in (4, 16):
+        base = BertForSequenceClassification.from_pretrained(model_dir)
+        cfg = peft.LoraConfig(r=rank, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+        pm = peft.get_peft_model(base, cfg)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(folders / f"r{rank}")
+        # the same weights as a run directory: PEFT's folder read into lowrank, saved in the run layout
+        model = lowrank.load_peft(BertForSequenceClassification.from_pretrained(model_dir), folders / f"r{rank}")
+        run = runs / f"adapter=lora,rank={rank},seed=0"
+        lowrank.save_adapter(model, run / "adapter")
+        (run / "result.json").write_text(json.dumps({"status": "completed", "config": _config(model_dir, "lora", rank, 0),
+                                                     "final": {}, "best": {}}))
+    for name in ("subspace", "amplification"):
+        assert main([name, str(folders), "--base-model", str(model_dir), "--out", str(tmp_path / "a"),
+                     "--wandb", "off", "--layer", "1"]) == 0
+        assert main([name, str(runs), "--out", str(tmp_path / "b"), "--wandb", "off", "--layer", "1"]) == 0
+    phi_a = np.load(tmp_path / "a" / "subspace" / "fig3_layer1.npz")
+    phi_b = np.load(tmp_path / "b" / "subspace" / "fig3_layer1.npz")
+    for k in ("phi_q", "phi_v"):
+        np.testing.assert_allclose(phi_a[k], phi_b[k], rtol=0, atol=1e-12)
+    a, b = _summary(tmp_path / "a", "amplification"), _summary(tmp_path / "b", "amplification")
+    assert a["ranks"] == b["ranks"] == [4, 16]
+    for r in ("r=4", "r=16"):
+        for key in ("delta", "own", "random", "norm_W", "norm_delta", "factor"):
+            assert a["at_layer"][r][key] == pytest.approx(b["at_layer"][r][key], rel=1e-12, abs=1e-12), (r, key)
+    # and the PEFT factors are PEFT's own: φ(1,1) from the lora_A weights peft saved
+    from safetensors.torch import load_file
+
+    A = {r: load_file(str(folders / f"r{r}" / "adapter_model.safetensors"))[
+        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"] for r in (4, 16)}
+    assert phi_a["phi_q"][0, 0] == pytest.approx(similarity(A[4], A[16])[0, 0], abs=1e-12)

@@ -59,7 +59,9 @@ def tables(args) -> Produced:
     summary.table6_cells = _cells(t6)
     if args.by:
         for value, part in df.groupby(df[args.by].astype(str)):
-            summary.table6_by[f"{args.by}={value}"] = _nested(table6_stats(part, args.metric, **kw)[0])
+            mean_by, std_by, _ = table6_stats(part, args.metric, **kw)
+            summary.table6_by[f"{args.by}={value}"] = _nested(mean_by)
+            summary.table6_by_std[f"{args.by}={value}"] = _nested(std_by)
             t = table6(part, args.metric, **kw)
             files += write_table(t, out / f"table6_{args.by}{value}", caption=f"Table 6 at {args.by}={value}")
     tabs["table6"] = t6
