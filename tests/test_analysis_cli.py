@@ -203,9 +203,20 @@ def test_decomposition_dora_figure2(sweep, tmp_path):
 
 
 def test_tables(sweep, tmp_path):
-    assert main(["tables", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    assert main(["tables", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--by", "adapter"]) == 0
     t6 = (tmp_path / "tables" / "table6.md").read_text()
     assert "r=4" in t6 and "r=16" in t6 and "Wq,Wv" in t6
+    # per-group Table 6 (the long recipe compares scaling rules this way): LoRA's two seeds at r=4 are runs 0 and 1,
+    # whose accuracies are 0.80 and 0.81 (the fixture's 0.8 + i/100), in percent
+    from analysis.summaries import TablesSummary, load_summary
+    from experiments.recipes.lora_long import table6_long_tables
+
+    t = load_summary(TablesSummary, tmp_path)
+    lora = t.table6_by["adapter=lora"]
+    task = next(iter(lora))
+    assert lora[task]["Wq,Wv"]["4"] == pytest.approx(80.5)
+    assert t.table6_by_std["adapter=lora"][task]["Wq,Wv"]["4"] == pytest.approx(np.std([80.0, 81.0], ddof=1))
+    assert any("80.5 ± 0.7" in line for line in table6_long_tables(tmp_path))
 
 
 def test_errors_are_one_line(sweep, tmp_path, capsys):

@@ -61,3 +61,14 @@ def test_head_first_probe_trains_only_the_head():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"classifier.weight", "classifier.bias"}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # restored
+
+
+def test_fractions_alone_keep_the_full_fine_tuning_trajectory():
+    from omegaconf import OmegaConf
+
+    from lowrank.runner.app import weight_modules
+
+    cfg = OmegaConf.create({"targets": ["q", "v"], "layers": None,
+                            "trainer": {"save_weights_at": [], "save_weights_every": 0, "save_weights_at_fractions": [0.5]}})
+    names = weight_modules(_tiny_bert(), cfg)  # full fine-tuning: no adapted modules, the targets' own weights
+    assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)

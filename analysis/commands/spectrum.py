@@ -48,8 +48,10 @@ def spectrum(args) -> Produced:
 
         raise UsageError(_no_delta_line(sorted({i.adapter for i in infos}), "weight"))
     rows, spectra, dirs = [], {}, {}
-    for info in runs:
-        label = run_label(info)
+    labels = [run_label(i) for i in runs]
+    for info, label in zip(runs, labels):
+        if labels.count(label) > 1:  # e.g. two FT runs at different lr: tell them apart by their folder
+            label = f"{label} ({info.dir.name})"
         deltas = {m: d for m, d in final_deltas(info).items() if parse_module_name(m)[1] in args.matrices}
         for module, d in sorted(deltas.items()):
             s = singular_values(d)

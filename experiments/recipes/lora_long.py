@@ -28,11 +28,11 @@ def fig4_long(d: Path) -> list[Check]:
 
 
 def _table6_runs() -> list[tuple[str, list[str]]]:
-    runs = []
-    for rule, alpha in RULES.items():
-        for targets in TARGETS:
-            for r in RANKS:
-                for seed in SEEDS:
+    runs = []  # seed outermost: a run stopped early leaves fewer seeds of the whole grid, not a missing rule
+    for seed in SEEDS:
+        for rule, alpha in RULES.items():
+            for targets in TARGETS:
+                for r in RANKS:
                     tag = targets.strip("[]").replace(",", "")
                     runs.append((f"{rule}/t={tag},r={r},seed={seed}",
                                  ["experiment=lora_table6_long", "adapter=lora", f"name={rule}", f"targets={targets}",
@@ -67,9 +67,10 @@ def table6_long_tables(d: Path) -> list[str]:
 
 RECIPES = [
     Recipe("lora_fig4_long", "LoRA Figure 4 over three seed pairs and all layers (A and ΔW's own directions)",
-           ref.LORA_FIG4, [["experiment=lora_fig4_long"]],
+           ref.LORA_FIG4, [],
            [["seeds"], ["seeds", "{dir}", "--factor", "dW", "--out", "{dir}/analysis/dW"]], fig4_long,
-           "3 runs of 2,000 steps: ~1.5 min on one H200 with --jobs 3", tolerant=True),
+           "3 runs of 2,000 steps: ~1.5 min on one H200 with --jobs 3", tolerant=True,
+           extra_runs=[(f"seed={s}", ["experiment=lora_fig4_long", "adapter=lora", f"seed={s}"]) for s in SEEDS]),
     Recipe("lora_table6_long", "LoRA Table 6 at 600 steps, three seeds, α fixed and α = r", ref.LORA_TABLE6,
            [], [["tables", "--by", "name"]], table6_long, "60 runs of 600 steps: ~4 min on one H200 with --jobs 12",
            extra_runs=_table6_runs(), tables=table6_long_tables, tolerant=True),
