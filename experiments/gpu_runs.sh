@@ -15,8 +15,8 @@ python -m experiments "${RECIPES[@]}" --analyse-only "${OV[@]}" > "$E/analyses.l
 python -m analysis spectrum "$E/dora_fig2_paper/paper" "$E"/lora_table6_long/alpha8/t=qv,r=*,seed=0 \
   --top 1 2 4 8 16 64 --out "$E/spectrum" --no-progress > "$E/spectrum.log" 2>&1 || echo "spectrum: see $E/spectrum.log"
 mkdir -p "$OUT_DIR"
-# reports, summaries, figures, tables, result.json and logs; no weights
-tar czf "$OUT_DIR/gpu_results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='checkpoints' \
-  --exclude='*.npz' --exclude='adapter' "$E"
+# reports, summaries, figures, tables, result.json and logs, and Figure 4's LoRA factors (small); no other weights
+tar czf "$OUT_DIR/gpu_results.tgz" --exclude='checkpoints' --exclude='*.pt' \
+  --exclude="$E/dora_fig2_paper/*/*/adapter" --exclude="$E/lora_table6_long/*/*/adapter" "$E"
 cp "$E"/*/report_*.md "$OUT_DIR"/ 2>/dev/null || true
 ls -la "$OUT_DIR"
