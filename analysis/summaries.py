@@ -160,6 +160,7 @@ class TablesSummary(Summary):
     # rows of a second grouping (e.g. alpha) when the sweep varied it: "<label>" → task → weight type → "r" → mean
     table6_by: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
     table6_by_std: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    table6_seeds_by: dict[str, dict[str, dict[str, dict[str, int]]]] = field(default_factory=dict)
 
 
 @dataclass

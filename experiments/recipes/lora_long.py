@@ -51,9 +51,12 @@ def table6_long(d: Path) -> list[Check]:
 def table6_long_tables(d: Path) -> list[str]:
     s = load_summary(TablesSummary, d)
     lines = table_markdown(d, "table6")
+    lines = lines[lines.index("") + 1:][lines[lines.index("") + 1:].index("") + 1:]  # the paper's table; ours per rule below
     for label in s.table6_by:
         mean, std = s.table6_by[label], s.table6_by_std.get(label, {})
-        lines += ["", f"Ours, {label} (mean ± std over seeds, %):", "",
+        seeds = s.table6_seeds_by.get(label, {})
+        lines += ["", f"Ours, {label} (mean ± std over seeds, %; seeds per cell: "
+                  f"{sorted({n for t in seeds.values() for w in t.values() for n in w.values()}) or '?'}):", "",
                   "| task | weight type | " + " | ".join(f"r={r}" for r in RANKS) + " |",
                   "|---|---|" + "---|" * len(RANKS)]
         for task, by_type in mean.items():
