@@ -111,13 +111,14 @@ def correlations(df, *, by: str = "method", y: str = "dM", bootstrap: int = 0, s
     for key, g in df.groupby(by, sort=False):
         x, v = g["dD"].to_numpy(), g[y].to_numpy()
         slope, intercept, r = regression(x, v)
-        per_step = within_groups(x, v, g["step"].to_numpy())
-        within[str(key)] = {str(k): float(r_) for k, r_ in per_step.items()}
         row = {by: key, "points": len(g), "slope": slope, "intercept": intercept, "pearson_r": r,
-               "paper_r": PAPER_CORRELATIONS.get(str(key), np.nan), "spearman_r": spearman(x, v),
-               "within_step_mean_r": float(np.nanmean(list(per_step.values()))) if per_step else np.nan,
-               "partial_r": partial_given_groups(x, v, g["step"].to_numpy())}
-        if bootstrap:
+               "paper_r": PAPER_CORRELATIONS.get(str(key), np.nan), "spearman_r": spearman(x, v)}
+        if "step" in g:  # points of several checkpoints: the within-step readings
+            per_step = within_groups(x, v, g["step"].to_numpy())
+            within[str(key)] = {str(k): float(r_) for k, r_ in per_step.items()}
+            row["within_step_mean_r"] = float(np.nanmean(list(per_step.values()))) if per_step else np.nan
+            row["partial_r"] = partial_given_groups(x, v, g["step"].to_numpy())
+        if bootstrap and "layer" in g:
             row["ci_low"], row["ci_high"] = bootstrap_over_clusters(x, v, g["layer"].to_numpy(), n=bootstrap, seed=seed)
         rows.append(row)
     out = pd.DataFrame(rows)
