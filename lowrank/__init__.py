@@ -24,7 +24,8 @@ from lowrank.core import (
     trainable_state_dict,
     unmerge_adapters,
 )
-from lowrank.io import load_adapter, load_peft, read_adapter, save_adapter, save_peft
+from lowrank.io import load_adapter, read_adapter, save_adapter
+from lowrank.peft_format import load_peft, save_peft
 
 __all__ = [
     "ADAPTERS",

@@ -79,6 +79,11 @@ FAMILIES = (
         "q": _ATTN + r"q_proj", "k": _ATTN + r"k_proj", "v": _ATTN + r"v_proj", "o": _ATTN + r"out_proj",
         "up": r"fc1", "down": r"fc2",
     }),
+    Family("t5", ("t5", "mt5", "umt5"), {  # encoder self-attention, decoder self- and cross-attention
+        "q": r"(?:SelfAttention|EncDecAttention)\.q", "k": r"(?:SelfAttention|EncDecAttention)\.k",
+        "v": r"(?:SelfAttention|EncDecAttention)\.v", "o": r"(?:SelfAttention|EncDecAttention)\.o",
+        "gate": r"DenseReluDense\.wi_0", "up": r"DenseReluDense\.wi(?:_1)?", "down": r"DenseReluDense\.wo",
+    }),
     Family("gpt_neox", ("gpt_neox",), {
         "q": (r"attention\.query_key_value", _interleaved_per_head(0)),
         "k": (r"attention\.query_key_value", _interleaved_per_head(1)),

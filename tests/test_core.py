@@ -88,6 +88,21 @@ def test_opt_and_bart_attention_names(build):
     assert per_layer is None or len(names) == 3 * 2 * per_layer
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_t5_paper_names(gated):
+    """T5's modules are literally q, k, v, o (PEFT's default targets {q, v}); FFN wi / wi_0, wi_1 / wo."""
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=1,
+                                   num_heads=2, feed_forward_proj="gated-gelu" if gated else "relu")
+    model = transformers.T5Model(config)
+    lowrank.adapt(model, "lora", targets=["q", "v", "up"], rank=2)
+    names = set(lowrank.adapted_modules(model))
+    attention = {f"encoder.block.{i}.layer.0.SelfAttention.{m}" for i in range(2) for m in "qv"} | \
+        {f"decoder.block.0.layer.{j}.{a}.{m}" for j, a in ((0, "SelfAttention"), (1, "EncDecAttention")) for m in "qv"}
+    ffn = {f"encoder.block.{i}.layer.1.DenseReluDense.{'wi_1' if gated else 'wi'}" for i in range(2)} | \
+        {f"decoder.block.0.layer.2.DenseReluDense.{'wi_1' if gated else 'wi'}"}
+    assert names == attention | ffn
+
+
 def test_gpt_neox_fused_slices_are_interleaved_per_head():
     model = tiny_gpt_neox()
     x = tokens()

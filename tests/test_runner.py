@@ -145,6 +145,40 @@ def test_sweep_writes_run_dirs_and_aggregate(tiny_bert, tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     pd.testing.assert_frame_equal(pd.read_csv(sweep / "aggregate.csv"), table)
 
+    # broken files: a truncated result.json is listed as broken (file named) and its job re-runs; a truncated
+    # adapter file is one line naming it
+    args = ["-m", "adapter=lora,dora", *tiny_args(tiny_bert, f"hydra.sweep.dir={sweep}")]
+    broken, kept = next(sweep.glob("adapter=dora,*")), next(sweep.glob("adapter=lora,*"))
+    text = (broken / "result.json").read_text()
+    (broken / "result.json").write_text(text[: len(text) // 2])
+    kept_result = (kept / "result.json").read_text()
+
+    proc = subprocess.run([sys.executable, "-m", "lowrank.runner.results", "aggregate", str(sweep)], cwd=REPO,
+                          env=cli_env(tiny_data), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(sweep / "aggregate.csv").set_index("adapter")
+    assert table.loc["dora", "status"] == "broken" and str(broken / "result.json") in table.loc["dora", "error"]
+    assert table.loc["lora", "status"] == "completed" and table.loc["lora", "final/accuracy"] == \
+        json.loads(kept_result)["final"]["eval/accuracy"]
+
+    # a truncated adapter file: one line naming it, from the results API
+    adapter = kept / "adapter" / "adapter.safetensors"
+    data = adapter.read_bytes()
+    adapter.write_bytes(data[: len(data) // 2])
+    from lowrank.runner.results import load_run
+
+    with pytest.raises(ValueError) as error:
+        load_run(kept).factors()
+    assert str(adapter) in str(error.value) and "\n" not in str(error.value)
+    adapter.write_bytes(data)
+
+    # launched again, the sweep re-runs the broken job and skips the completed one
+    proc = run_cli(*args, data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((broken / "result.json").read_text())["status"] == "completed"
+    assert (kept / "result.json").read_text() == kept_result
+    assert set(pd.read_csv(sweep / "aggregate.csv")["status"]) == {"completed"}
+
 
 RESUME_ARGS = ["seed=0,1", "trainer.max_steps=40", "trainer.batch_size=32", "trainer.checkpoint_every=5",
                "trainer.eval_every=10", "trainer.log_every=5", "trainer.max_eval_samples=null"]
@@ -189,6 +223,9 @@ def test_sigkill_mid_sweep_then_rerun_resumes_with_identical_metrics(tiny_bert, 
     assert (first / "result.json").read_text() == first_result, "a completed job must not run again"
     resumed = json.loads((second / "result.json").read_text())
     assert resumed["resumed_from_step"] is not None and 0 < resumed["resumed_from_step"] < 40
+    # its wall time covers both processes (as its training time does), and says how many there were
+    assert resumed["attempts"] == 2 and resumed["wall_time_s"] >= resumed["train_time_s"] > 0
+    assert resumed["attempt_wall_time_s"] < resumed["wall_time_s"]
     assert _final_metrics(sweep) == _final_metrics(reference)
     for run in reference.glob("seed=*"):
         assert _metric_rows(sweep / run.name) == _metric_rows(run), "the log continues as if never interrupted"

@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, validate
 
 log = logging.getLogger(__name__)
-from lowrank.runner.rundir import ADAPTER, CHECKPOINTS, BrokenResult, read_result, write_result
+from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, end_attempt, read_result, start_attempt,
+                                   write_result)
 # Keys that say where/how a run is stored or shown, not what it computes (left out of the fingerprint).
 NOT_IDENTITY = ("paths", "logger", "name")
 _failures: list[str] = []
@@ -175,6 +176,7 @@ def run(cfg: DictConfig) -> dict:
     if not world.is_main:
         return _follow(model, data, cfg, run_dir, fp, ident, world)
     run_dir.mkdir(parents=True, exist_ok=True)
+    attempts = start_attempt(run_dir, started, resumed=ckpt is not None)
     tracker = Tracker(cfg.logger, run_dir, config=resolved, name=job["name"], group=cfg.name)
 
     result = {"status": "failed", "error": None, "failed_step": None, "metric": f"eval/{cfg.task.metric}",
@@ -196,7 +198,10 @@ def run(cfg: DictConfig) -> dict:
     except Exception as e:  # noqa: BLE001 - any other failure is recorded, and the sweep goes on
         result.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         traceback.print_exc()
-    result.update(wall_time_s=round(time.time() - started, 2), **_peak_memory(),
+    ended = time.time()
+    # wall time over every attempt of a resumed run (train_time_s counts training time the same way)
+    result.update(wall_time_s=round(end_attempt(run_dir, attempts, ended), 2), attempts=len(attempts),
+                  attempt_wall_time_s=round(ended - started, 2), **_peak_memory(),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tracker.summary({"status": result["status"], "wall_time_s": result["wall_time_s"],
                      "trainable_params": trainable, "total_params": total,

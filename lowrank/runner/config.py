@@ -30,6 +30,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: Where the data are when neither LOWRANK_DATA_DIR nor paths.data_dir says: beside the project (not the
+#: working directory), so ``python /path/to/run.py`` works from any folder. Only here may the hub stand in.
+DEFAULT_DATA_DIR = CONF_DIR.parent.parent / "shared" / "data"
 #: Hydra config groups (conf/<group>/); an override of one names a file of that folder.
 GROUPS = ("model", "task", "adapter", "trainer", "logger", "paths", "experiment")
 
@@ -153,7 +156,7 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    data_dir: str = MISSING
+    data_dir: Optional[str] = None     # None: DEFAULT_DATA_DIR
     output_dir: str = MISSING
 
 
@@ -278,6 +281,8 @@ def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
     except OmegaConfBaseException as e:
         raise _type_error(e) from None
 
+    if typed.paths.data_dir is None:
+        typed.paths.data_dir = str(DEFAULT_DATA_DIR)
     _check_model(typed.model)
     _check_task(typed.task)
     _check_adapter(typed)
@@ -402,13 +407,20 @@ def local_files(task) -> dict[str, str]:
 
 
 def check_data_dir(task, data_dir: str) -> None:
-    """Raise if the task's local files are missing and the hub cannot stand in (offline or no hub source)."""
+    """Raise if the task's local files are missing and the hub cannot stand in. A folder the user named
+    (LOWRANK_DATA_DIR or paths.data_dir) must hold them; only the default location falls back to the hub
+    source (online, for tasks that have one)."""
     root = Path(str(data_dir)).expanduser()
     missing = [rel for rel in local_files(task).values() if not (root / rel).is_file()]
     if not missing:
         return
-    if task.get("hub") is not None and not is_offline():
+    explicit = root.resolve() != DEFAULT_DATA_DIR.resolve()
+    fix = f"fix: set LOWRANK_DATA_DIR (or paths.data_dir=...) to the folder holding {missing[0].split('/')[0]}/"
+    if explicit and not root.is_dir():
+        raise ConfigError(f"data dir '{root}' (LOWRANK_DATA_DIR or paths.data_dir) does not exist, so it has no "
+                          f"{missing[0]} for task={task.name}; {fix}, or unset both for the default {DEFAULT_DATA_DIR}")
+    if task.get("hub") is not None and not is_offline() and not explicit:
         return  # lowrank.runner.data falls back to the hub source
-    why = "offline (HF_*_OFFLINE is set)" if task.get("hub") is not None else f"task {task.name!r} has no hub source"
-    raise ConfigError(f"data dir '{root}' has no {missing[0]} for task={task.name} and {why}; fix: set "
-                      f"LOWRANK_DATA_DIR (or paths.data_dir=...) to the folder holding {missing[0].split('/')[0]}/")
+    why = ("offline (HF_*_OFFLINE is set)" if is_offline() else "the hub stands in for the default location only") \
+        if task.get("hub") is not None else f"task {task.name!r} has no hub source"
+    raise ConfigError(f"data dir '{root}' has no {missing[0]} for task={task.name} and {why}; {fix}")

@@ -5,7 +5,10 @@ killed run keeps what it logged; ``rewind(step)`` drops lines after a checkpoint
 again). With ``logger=wandb`` it also mirrors config, metrics, summary and the adapter (as an artifact) to
 W&B, in the mode ``logger.mode`` gives (``WANDB_MODE``, default offline; offline files go to
 ``<run_dir>/wandb/``). The W&B run id is derived from the run dir, so a resumed run continues the same W&B
-run. ``wandb`` is imported here only, lazily; if it fails to start or to log, the tracker warns once and
+run: online, W&B resumes it; offline (where W&B cannot append to an earlier file), the resumed attempt
+replays the kept ``metrics.jsonl`` steps into its W&B run and removes the killed attempt's offline folder,
+so the run dir holds one offline W&B run with the whole history. The adapter artifact is added with
+W&B's ``immutable`` policy: nothing is staged outside the run dir. ``wandb`` is imported here only, lazily; if it fails to start or to log, the tracker warns once and
 carries on with JSONL alone — a run never fails because of its mirror.
 """
 
@@ -16,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -66,6 +70,11 @@ class Tracker:
             except (ValueError, KeyError):
                 continue
         write_text(self.path, "".join(line + "\n" for line in kept))
+        if self._wandb is not None and self.cfg.mode == "offline":  # the earlier attempt's steps, into this run
+            for line in kept:
+                record = json.loads(line)
+                values = {k: v for k, v in record.items() if k not in ("step", "time")}
+                self._mirror(lambda run, values=values, step=record["step"]: run.log(values, step=step))
 
     # ---- W&B -----------------------------------------------------------------------------------------
     def _start_wandb(self, config: dict, name: str, group: str) -> None:
@@ -75,6 +84,7 @@ class Tracker:
             import wandb
 
             run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:16]
+            self._run_id = run_id
             self._wandb = wandb.init(
                 project=self.cfg.project, entity=self.cfg.entity, group=group, name=name, config=config,
                 tags=list(self.cfg.tags), dir=str(self.run_dir), mode=self.cfg.mode, id=run_id, resume="allow",
@@ -83,6 +93,20 @@ class Tracker:
                                         disable_code=True))
         except Exception as e:  # noqa: BLE001 - the mirror must never stop a run
             self._warn("start", e)
+            return
+        if self.cfg.mode == "offline":
+            self._drop_earlier_offline_runs()
+
+    def _drop_earlier_offline_runs(self) -> None:
+        """Remove offline folders of this run id left by earlier (killed or restarted) attempts: what of
+        them is kept comes back through ``rewind``'s replay of metrics.jsonl."""
+        files = getattr(self._wandb, "dir", None)  # <run_dir>/wandb/offline-run-<time>-<id>/files
+        if not files:
+            return
+        current = Path(files).resolve().parent
+        for folder in (self.run_dir / "wandb").glob(f"offline-run-*-{self._run_id}"):
+            if folder.resolve() != current:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _mirror(self, action) -> None:
         if self._wandb is None:
@@ -111,7 +135,9 @@ class Tracker:
             import wandb
 
             artifact = wandb.Artifact(name=name, type=kind)
-            artifact.add_dir(str(folder))
+            # immutable: W&B reads the files where they are instead of copying them to
+            # ~/.local/share/wandb/artifacts/staging (the adapter folder is final when it is logged)
+            artifact.add_dir(str(folder), policy="immutable")
             run.log_artifact(artifact)
         self._mirror(upload)
 
