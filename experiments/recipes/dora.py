@@ -46,7 +46,7 @@ FIG2_FT_LRS = ("1e-4", "3e-4")
 def _fig2_runs() -> list[tuple[str, list[str]]]:
     runs = []
     for config, extra in FIG2_CONFIGS.items():
-        base = ["experiment=dora_fig2_paper", *extra]
+        base = ["experiment=dora_fig2_paper", "rank=64", *extra]
         runs += [(f"{config}/full_lr{lr}", [*base, "adapter=full", f"trainer.lr={lr}"]) for lr in FIG2_FT_LRS]
         runs += [(f"{config}/dora", [*base, "adapter=dora"]), (f"{config}/lora", [*base, "adapter=lora"])]
     return runs

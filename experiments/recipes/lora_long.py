@@ -35,7 +35,8 @@ def _table6_runs() -> list[tuple[str, list[str]]]:
                 for r in RANKS:
                     tag = targets.strip("[]").replace(",", "")
                     runs.append((f"{rule}/t={tag},r={r},seed={seed}",
-                                 ["experiment=lora_table6_long", "adapter=lora", f"name={rule}", f"targets={targets}",
+                                 ["experiment=lora_table6_long", "trainer.max_steps=600", "trainer.eval_every=300", "adapter=lora",
+                                  f"name={rule}", f"targets={targets}",
                                   f"rank={r}", f"alpha={alpha(r)}", f"seed={seed}"]))
     return runs
 
@@ -73,7 +74,7 @@ RECIPES = [
            ref.LORA_FIG4, [],
            [["seeds"], ["seeds", "{dir}", "--factor", "dW", "--out", "{dir}/analysis/dW"]], fig4_long,
            "3 runs of 2,000 steps: ~1.5 min on one H200 with --jobs 3", tolerant=True,
-           extra_runs=[(f"seed={s}", ["experiment=lora_fig4_long", "adapter=lora", f"seed={s}"]) for s in SEEDS]),
+           extra_runs=[(f"seed={s}", ["experiment=lora_fig4_long", "rank=64", "adapter=lora", f"seed={s}"]) for s in SEEDS]),
     Recipe("lora_table6_long", "LoRA Table 6 at 600 steps, three seeds, α fixed and α = r", ref.LORA_TABLE6,
            [], [["tables", "--by", "name"]], table6_long, "60 runs of 600 steps: ~4 min on one H200 with --jobs 12",
            extra_runs=_table6_runs(), tables=table6_long_tables, tolerant=True),
