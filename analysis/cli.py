@@ -7,6 +7,7 @@
     amplification  LoRA Table 7  ‖UᵀWVᵀ‖_F for ΔW / W / random directions, the factor, per layer
     decomposition  DoRA Fig. 2   ΔM vs ΔD over checkpoints for FT, LoRA, DoRA runs, with correlations
     tables         LoRA Tables 5-6  metric by adapted matrices (budget-matched) and by rank
+    spectrum       LoRA §4.1     ΔW's singular values: energy in the top r, effective rank (FT vs LoRA/DoRA)
 
 Output goes to <sweep>/analysis/<analysis>/ (or --out): PNG + PDF figures, markdown/LaTeX/CSV tables,
 the raw arrays (.npz) and summary.json; mirrored to W&B when the runs were configured for it.
@@ -43,6 +44,7 @@ ANALYSES = {
     "decomposition": (_command("decomposition", "decomposition"), "DoRA Figure 2: magnitude vs direction over checkpoints"),
     "tables": (_command("tables", "tables"), "LoRA Tables 5-6 from a sweep's aggregate table"),
     "costs": (_command("costs", "costs"), "Cost model: predicted vs measured memory per method, stacked bars"),
+    "spectrum": (_command("spectrum", "spectrum"), "ΔW's singular values, energy in the top r, effective rank"),
 }
 
 
@@ -89,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.add_argument("--seed", type=int, default=None, help="which training seed's runs to use")
         s.add_argument("--random-seed", type=int, default=0, help="seed of the random baselines")
-        if name not in ("decomposition", "tables"):
+        if name != "tables":
+            s.add_argument("--base-model", default=None,
+                           help="base model of PEFT adapter folders (default: their base_model_name_or_path)")
+        if name not in ("decomposition", "tables", "spectrum"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "layers"):
             s.add_argument("--factor", choices=["A", "B", "dW"], default="A",
@@ -125,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank to use (default: DoRA's)")
             s.add_argument("--include-step0", action="store_true",
                            help="keep step 0 (W = W0, so ΔM = ΔD = 0) in the scatter")
+            s.add_argument("--exclude-layers", type=int, nargs="+", default=None, help="layers left out (e.g. 5)")
+            s.add_argument("--last-k", type=int, default=None, help="keep only each run's last k saved steps")
+            s.add_argument("--bootstrap", type=int, default=1000,
+                           help="resamples of layers for the 95%% interval of the pooled r (0 = none)")
+            s.add_argument("--relative-m", action="store_true",
+                           help="ΔM relative to ‖W0_n‖ (a labelled extra, not the paper's definition)")
+        if name == "spectrum":
+            s.add_argument("--matrices", nargs="+", choices=list("qkvo"), default=["q", "v"])
+            s.add_argument("--top", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64],
+                           help="r of the energy-in-top-r columns (and the lines on the figure)")
         if name == "tables":
             s.add_argument("--metric", default=None, help="metric column (default: the accuracy-like one)")
             s.add_argument("--budget", type=int, default=None, help="rank units per layer for Table 5 (e.g. 8)")

@@ -31,8 +31,11 @@ __all__ = [
 PAPER_CORRELATIONS = {"FT": -0.62, "LoRA": 0.83, "DoRA": -0.31}
 
 
-def magnitude_direction(W0, W) -> tuple[float, float]:
-    """(ΔM, ΔD) between a pretrained weight W0 and a fine-tuned W, both (out, in) torch layout."""
+def magnitude_direction(W0, W, *, relative: bool = False) -> tuple[float, float]:
+    """(ΔM, ΔD) between a pretrained weight W0 and a fine-tuned W, both (out, in) torch layout.
+
+    ``relative=True`` gives ΔM as the mean of |‖W_n‖ − ‖W0_n‖| / ‖W0_n‖ instead (a labelled extra for comparing
+    matrices of different scale; not the paper's eq. 3)."""
     W0 = as_float64(W0, name="W0")
     W = as_float64(W, name="W")
     if W0.shape != W.shape or W0.ndim != 2:
@@ -43,7 +46,7 @@ def magnitude_direction(W0, W) -> tuple[float, float]:
     if zero.size:
         raise ValueError(f"rows {zero[:5].tolist()} have zero norm, so their direction is undefined; drop them")
     cos = np.einsum("ij,ij->i", W, W0) / (m * m0)
-    dM = float(np.mean(np.abs(m - m0)))
+    dM = float(np.mean(np.abs(m - m0) / (m0 if relative else 1.0)))
     dD = float(np.mean(1.0 - np.clip(cos, -1.0, 1.0)))
     return dM, dD
 
@@ -72,8 +75,10 @@ def trajectory(
             if name not in base_weights:
                 raise KeyError(f"no pretrained weight for {name!r}; load the base model of this run")
             dM, dD = magnitude_direction(base_weights[name], W)
-            rows.append({"step": int(step), "module": name, "layer": layer, "matrix": kind, "dM": dM, "dD": dD})
-    df = pd.DataFrame(rows, columns=["step", "module", "layer", "matrix", "dM", "dD"])
+            dM_rel, _ = magnitude_direction(base_weights[name], W, relative=True)
+            rows.append({"step": int(step), "module": name, "layer": layer, "matrix": kind, "dM": dM, "dD": dD,
+                         "dM_rel": dM_rel})
+    df = pd.DataFrame(rows, columns=["step", "module", "layer", "matrix", "dM", "dD", "dM_rel"])
     if method is not None:
         df.insert(0, "method", method)
     return df
@@ -93,15 +98,29 @@ def regression(dD: np.ndarray, dM: np.ndarray) -> tuple[float, float, float]:
     return slope, intercept, r
 
 
-def correlations(df, *, by: str = "method"):
-    """Per method: number of points, slope, intercept, Pearson r, and the paper's r beside it."""
+def correlations(df, *, by: str = "method", y: str = "dM", bootstrap: int = 0, seed: int = 0):
+    """Per method: number of points, slope, intercept, Pearson r (pooled: the paper's reading) and the paper's
+    r beside it; Spearman ρ, the mean within-step r, the partial r given the step, and (``bootstrap`` > 0) a
+    95 % interval of the pooled r over layers (see ``analysis.correlation``). ``y`` is ``dM`` (eq. 3) or
+    ``dM_rel`` (relative ΔM). The per-step rs are in ``.attrs["within_step"]``: {method: {step: r}}."""
     import pandas as pd
 
-    rows = []
+    from analysis.correlation import bootstrap_over_clusters, partial_given_groups, spearman, within_groups
+
+    rows, within = [], {}
     for key, g in df.groupby(by, sort=False):
-        slope, intercept, r = regression(g["dD"].to_numpy(), g["dM"].to_numpy())
-        rows.append(
-            {by: key, "points": len(g), "slope": slope, "intercept": intercept, "pearson_r": r,
-             "paper_r": PAPER_CORRELATIONS.get(str(key), np.nan)}
-        )
-    return pd.DataFrame(rows)
+        x, v = g["dD"].to_numpy(), g[y].to_numpy()
+        slope, intercept, r = regression(x, v)
+        row = {by: key, "points": len(g), "slope": slope, "intercept": intercept, "pearson_r": r,
+               "paper_r": PAPER_CORRELATIONS.get(str(key), np.nan), "spearman_r": spearman(x, v)}
+        if "step" in g:  # points of several checkpoints: the within-step readings
+            per_step = within_groups(x, v, g["step"].to_numpy())
+            within[str(key)] = {str(k): float(r_) for k, r_ in per_step.items()}
+            row["within_step_mean_r"] = float(np.nanmean(list(per_step.values()))) if per_step else np.nan
+            row["partial_r"] = partial_given_groups(x, v, g["step"].to_numpy())
+        if bootstrap and "layer" in g:
+            row["ci_low"], row["ci_high"] = bootstrap_over_clusters(x, v, g["layer"].to_numpy(), n=bootstrap, seed=seed)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs["within_step"] = within
+    return out

@@ -284,9 +284,9 @@ def _PlainLog(**kw):
 _STEP_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
-def dora_figure2(df, *, methods: Sequence[str] = ("FT", "LoRA", "DoRA"), kind: str = "q"):
-    """DoRA Figure 2: ΔD (x) against ΔM (y) per layer (colour) and checkpoint (marker: inter steps,
-    then a star for the final step), one panel per method, least-squares line and Pearson r."""
+def dora_figure2(df, *, methods: Sequence[str] = ("FT", "LoRA", "DoRA"), kind: str = "q", y: str = "dM"):
+    """DoRA Figure 2: ΔD (x) against ΔM (y; ``dM_rel`` for relative ΔM) per layer (colour) and checkpoint
+    (marker: inter steps, then a star for the final step), one panel per method, least-squares line and r."""
     from analysis.decomposition import PAPER_CORRELATIONS, regression
 
     present = [m for m in methods if m in set(df["method"])]
@@ -307,11 +307,11 @@ def dora_figure2(df, *, methods: Sequence[str] = ("FT", "LoRA", "DoRA"), kind: s
                     p = g[(g["step"] == step) & (g["layer"] == layer)]
                     if p.empty:
                         continue
-                    ax.scatter(p["dD"], p["dM"], color=colours[layer], marker="*" if final else
+                    ax.scatter(p["dD"], p[y], color=colours[layer], marker="*" if final else
                                _STEP_MARKERS[si % len(_STEP_MARKERS)], s=70 if final else 30,
                                edgecolors="black", linewidths=0.4, zorder=3)
             if len(g) >= 2 and np.ptp(g["dD"].to_numpy()) > 0:
-                slope, icpt, r = regression(g["dD"].to_numpy(), g["dM"].to_numpy())
+                slope, icpt, r = regression(g["dD"].to_numpy(), g[y].to_numpy())
                 xs = np.linspace(g["dD"].min(), g["dD"].max(), 50)
                 ax.plot(xs, slope * xs + icpt, color="black", ls="--", lw=1.0, zorder=2)
                 ref = PAPER_CORRELATIONS.get(method)
@@ -322,7 +322,7 @@ def dora_figure2(df, *, methods: Sequence[str] = ("FT", "LoRA", "DoRA"), kind: s
                         va="bottom", fontsize=8, bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.7", lw=0.5))
             ax.set_title(f"({chr(97 + k)}) {method}")
             ax.set_xlabel(r"$\Delta D$")
-            ax.set_ylabel(r"$\Delta M$" if k == 0 else "")
+            ax.set_ylabel(("relative " if y == "dM_rel" else "") + r"$\Delta M$" if k == 0 else "")
             ax.grid(True)
             ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3))
         from matplotlib.lines import Line2D

@@ -55,15 +55,21 @@ class RunInfo:
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories (those holding result.json) at or below each path, sorted, without duplicates."""
+    """Run directories (those holding result.json) and PEFT adapter folders (adapter_config.json) at or below
+    each path, sorted, without duplicates."""
+    from analysis.peft_input import PEFT_CONFIG, is_peft_dir
+
     found: dict[Path, None] = {}
     for p in paths:
         p = Path(p)
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist; pass a run directory or a sweep directory (multirun/...)")
         hits = [q.resolve() for q in run_dirs(p, finished_only=True)]
+        hits += sorted(q.parent.resolve() for q in ([p / PEFT_CONFIG] if is_peft_dir(p) else p.rglob(PEFT_CONFIG))
+                       if is_peft_dir(q.parent) and not any(h in q.resolve().parents for h in hits))
         if not hits:
-            raise FileNotFoundError(f"no run directory (with result.json) under {p}; did the runs finish?")
+            raise FileNotFoundError(f"no run directory (with result.json) or PEFT adapter folder (with "
+                                    f"{PEFT_CONFIG}) under {p}; did the runs finish?")
         for h in hits:
             found[h] = None
     return list(found)
@@ -112,8 +118,12 @@ def describe(run) -> RunInfo:
     )
 
 
-def load_runs(paths: Iterable[str | Path], *, completed_only: bool = True, progress: bool = False) -> list[RunInfo]:
-    """Load every run under `paths` through `lowrank.runner.results.load_run`."""
+def load_runs(paths: Iterable[str | Path], *, completed_only: bool = True, progress: bool = False,
+              base_model: str | None = None) -> list[RunInfo]:
+    """Load every run under `paths` through `lowrank.runner.results.load_run`, and every PEFT adapter folder
+    through `analysis.peft_input.PeftRun` (on `base_model`, default: the one its config names)."""
+    from analysis.peft_input import PeftRun, is_peft_dir
+
     try:
         from lowrank.runner.results import load_run
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -124,7 +134,7 @@ def load_runs(paths: Iterable[str | Path], *, completed_only: bool = True, progr
         from tqdm.auto import tqdm
 
         it = tqdm(dirs, desc="loading runs", unit="run")
-    infos = [describe(load_run(d)) for d in it]
+    infos = [describe(PeftRun(d, base_model) if is_peft_dir(d) else load_run(d)) for d in it]
     if completed_only:
         done = [i for i in infos if i.status in (None, "completed")]
         if not done:

@@ -39,7 +39,7 @@ def out_dir(args, infos, name: str) -> Path:
 def load(args):
     from analysis.inputs import load_runs
 
-    return load_runs(args.paths, progress=progress(args))
+    return load_runs(args.paths, progress=progress(args), base_model=getattr(args, "base_model", None))
 
 
 def adapter_spec(name: str):
@@ -140,6 +140,8 @@ def pick_pair_seed(runs, r1, r2, seed):
         return select(runs, rank=r1, seed=seed)[0], select(runs, rank=r2, seed=seed)[0]
     s1 = {i.seed for i in runs if i.rank == r1}
     s2 = {i.seed for i in runs if i.rank == r2}
+    if s1 == {None} and s2 == {None}:  # inputs without a seed (PEFT folders): one run at each rank
+        return select(runs, rank=r1)[0], select(runs, rank=r2)[0]
     common = sorted(s for s in s1 & s2 if s is not None)
     if not common:
         raise UsageError(f"no seed has runs at both r={r1} and r={r2} (seeds {sorted(s1, key=str)} vs {sorted(s2, key=str)})")

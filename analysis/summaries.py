@@ -159,6 +159,8 @@ class TablesSummary(Summary):
     tables: str = "LoRA Tables 5 and 6"
     # rows of a second grouping (e.g. alpha) when the sweep varied it: "<label>" → task → weight type → "r" → mean
     table6_by: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    table6_by_std: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    table6_seeds_by: dict[str, dict[str, dict[str, dict[str, int]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,9 +187,10 @@ def write_summary(out_dir: str | Path, summary: Summary) -> Path:
     return write_json(Path(out_dir) / "summary.json", summary.to_json())
 
 
-def load_summary(cls: type[S], sweep_or_out: str | Path) -> S:
-    """The ``cls`` summary an analysis wrote under a sweep directory (or an --out directory)."""
-    path = summary_path(sweep_or_out, cls.analysis)
+def load_summary(cls: type[S], sweep_or_out: str | Path, name: str | None = None) -> S:
+    """The ``cls`` summary an analysis wrote under a sweep directory (or an --out directory); ``name`` is the
+    output folder when it is not the analysis' own (``decomposition_v`` for Wv)."""
+    path = summary_path(sweep_or_out, name or cls.analysis)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `python -m analysis {cls.analysis} {sweep_or_out}` first")
     return cls.from_json(json.loads(path.read_text()))

@@ -76,6 +76,8 @@ DORA_FIG2 = {
     "source": "DoRA Figure 2, VL-BART query matrices over 4 checkpoints; correlation of ΔD and ΔM",
     "correlation": {"full": -0.62, "dora": -0.31, "lora": 0.83},
     "claim": "LoRA's ΔM and ΔD move together (positive slope); FT and DoRA show a negative slope",
+    # the figure's ΔD axis ranges (VL-BART, Wq; read off DoRA Fig. 2)
+    "delta_d_range": {"full": (0.014, 0.022), "lora": (0.10, 0.16), "dora": (0.16, 0.32)},
 }
 
 FLORA_PARAMS = {

@@ -155,8 +155,9 @@ class _Trainer:
 def test_plan_resolves_auto_per_device_and_keeps_the_off_switches():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
     assert accel.plan(_Trainer(), cpu, None) == accel.FastPath("off", False, 0)
-    assert accel.plan(_Trainer(), cuda, None) == accel.FastPath("inductor+cudagraphs", True, 1)
-    assert accel.plan(_Trainer(max_seq_len=512), cuda, None).buckets == 3
+    assert accel.plan(_Trainer(), cuda, None, parameters=10**9) == accel.FastPath("inductor+cudagraphs", True, 1)
+    assert accel.plan(_Trainer(), cuda, None, parameters=22_713_986).compile == "cudagraphs"  # small: no codegen
+    assert accel.plan(_Trainer(max_seq_len=512), cuda, None, parameters=10**9).buckets == 3
     assert accel.plan(_Trainer(), cuda, "the task is not a causal LM").fused_loss is False
     assert accel.plan(_Trainer(compile="off", fused_loss="off"), cuda, None) == accel.FastPath("off", False, 0)
     assert accel.plan(_Trainer(compile="cudagraphs"), cpu, None).compile == "inductor"  # no CUDA graphs on a CPU

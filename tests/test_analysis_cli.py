@@ -181,12 +181,42 @@ def test_decomposition_dora_figure2(sweep, tmp_path):
     assert s["runs"]["LoRA"].endswith("adapter=lora,rank=4,seed=0")
     assert (tmp_path / "decomposition" / "dora_fig2_q.png").is_file()
     assert (tmp_path / "decomposition" / "dora_fig2_q_correlations.md").is_file()
+    # every reading is there; the pooled r is the one on the points written beside it
+    import pandas as pd
+    from scipy import stats
+
+    pts = pd.read_csv(tmp_path / "decomposition" / "dora_fig2_q_points.csv")
+    for m in ("FT", "LoRA", "DoRA"):
+        g = pts[pts["method"] == m]
+        assert s["pearson_r"][m] == pytest.approx(stats.pearsonr(g["dD"], g["dM"])[0], abs=1e-9)
+        assert s["spearman_r"][m] == pytest.approx(stats.spearmanr(g["dD"], g["dM"])[0], abs=1e-9)
+        assert s["ci_low"][m] <= s["ci_high"][m] and set(s["within_step"][m]) == {"10", "20", "30"}
+    # options: Wv (DoRA Fig. 7) in its own folder, a layer left out, the last two steps, relative ΔM
+    assert main(["decomposition", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--matrix", "v",
+                 "--exclude-layers", "0", "--last-k", "2", "--relative-m", "--bootstrap", "50"]) == 0
+    from analysis.summaries import DecompositionSummary, load_summary
+
+    v = load_summary(DecompositionSummary, tmp_path, "decomposition_v")
+    assert v.matrix == "v" and v.relative_m and v.excluded_layers == [0]
+    assert v.points == {"FT": 4, "LoRA": 4, "DoRA": 4} and v.steps["FT"] == [20, 30]
+    assert (tmp_path / "decomposition_v" / "dora_fig2_v_relative.png").is_file()
 
 
 def test_tables(sweep, tmp_path):
-    assert main(["tables", str(sweep), "--out", str(tmp_path), "--wandb", "off"]) == 0
+    assert main(["tables", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--by", "adapter"]) == 0
     t6 = (tmp_path / "tables" / "table6.md").read_text()
     assert "r=4" in t6 and "r=16" in t6 and "Wq,Wv" in t6
+    # per-group Table 6 (the long recipe compares scaling rules this way): LoRA's two seeds at r=4 are runs 0 and 1,
+    # whose accuracies are 0.80 and 0.81 (the fixture's 0.8 + i/100), in percent
+    from analysis.summaries import TablesSummary, load_summary
+    from experiments.recipes.lora_long import table6_long_tables
+
+    t = load_summary(TablesSummary, tmp_path)
+    lora = t.table6_by["adapter=lora"]
+    task = next(iter(lora))
+    assert lora[task]["Wq,Wv"]["4"] == pytest.approx(80.5)
+    assert t.table6_by_std["adapter=lora"][task]["Wq,Wv"]["4"] == pytest.approx(np.std([80.0, 81.0], ddof=1))
+    assert any("80.5 ± 0.7" in line for line in table6_long_tables(tmp_path))
 
 
 def test_errors_are_one_line(sweep, tmp_path, capsys):
@@ -229,3 +259,67 @@ def test_recipe_checks_read_the_typed_summaries(sweep, tmp_path):
     means = t.table6_mean[next(iter(t.table6_mean))]["Wq,Wv"]
     assert set(means) == {"4", "16"} and all(80.0 <= v <= 100.0 for v in means.values())
     assert t.table6_cells[0][:2] == ["Dataset", "Weight type"]
+
+
+def test_spectrum_of_full_and_low_rank_updates(sweep, tmp_path):
+    from analysis.spectrum import energy_top, singular_values
+    from analysis.summaries import SpectrumSummary, load_summary
+    from lowrank.runner.results import load_run
+
+    assert main(["spectrum", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--seed", "0",
+                 "--top", "1", "4"]) == 0
+    s = load_summary(SpectrumSummary, tmp_path)
+    assert set(s.runs) == {"FT seed 0", "LoRA r=4 α=8 seed 0", "LoRA r=16 α=8 seed 0", "DoRA r=4 α=8 seed 0"}
+    # a rank-4 LoRA update keeps all its energy in 4 directions; full fine-tuning's random update does not
+    assert s.energy_top_r["LoRA r=4 α=8 seed 0"]["r=4"] == pytest.approx(1.0, abs=1e-6)
+    ft = next(k for k in s.runs if k.startswith("FT"))
+    assert s.energy_top_r[ft]["r=4"] < 0.5
+    d = load_run(sweep / "adapter=lora,rank=16,seed=0").deltas()
+    e = np.median([energy_top(singular_values(x), 1) for m, x in d.items()])
+    assert s.energy_top_r["LoRA r=16 α=8 seed 0"]["r=1"] == pytest.approx(e, rel=1e-6)
+    assert (tmp_path / "spectrum" / "spectrum.png").is_file()
+
+
+def test_peft_adapter_folders_match_run_directories(tmp_path):
+    """Two LoRA adapters built and saved by the real `peft` library, analysed as PEFT folders (given the base
+    model) and as run directories holding the same weights: identical φ (Figure 3) and Table 7 numbers."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    model_dir = _tiny_model_dir(tmp_path)
+    folders, runs = tmp_path / "peft", tmp_path / "runs"
+    for rank in (4, 16):
+        base = BertForSequenceClassification.from_pretrained(model_dir)
+        cfg = peft.LoraConfig(r=rank, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+        pm = peft.get_peft_model(base, cfg)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(folders / f"r{rank}")
+        # the same weights as a run directory: PEFT's folder read into lowrank, saved in the run layout
+        model = lowrank.load_peft(BertForSequenceClassification.from_pretrained(model_dir), folders / f"r{rank}")
+        run = runs / f"adapter=lora,rank={rank},seed=0"
+        lowrank.save_adapter(model, run / "adapter")
+        (run / "result.json").write_text(json.dumps({"status": "completed", "config": _config(model_dir, "lora", rank, 0),
+                                                     "final": {}, "best": {}}))
+    for name in ("subspace", "amplification"):
+        assert main([name, str(folders), "--base-model", str(model_dir), "--out", str(tmp_path / "a"),
+                     "--wandb", "off", "--layer", "1"]) == 0
+        assert main([name, str(runs), "--out", str(tmp_path / "b"), "--wandb", "off", "--layer", "1"]) == 0
+    phi_a = np.load(tmp_path / "a" / "subspace" / "fig3_layer1.npz")
+    phi_b = np.load(tmp_path / "b" / "subspace" / "fig3_layer1.npz")
+    for k in ("phi_q", "phi_v"):
+        np.testing.assert_allclose(phi_a[k], phi_b[k], rtol=0, atol=1e-12)
+    a, b = _summary(tmp_path / "a", "amplification"), _summary(tmp_path / "b", "amplification")
+    assert a["ranks"] == b["ranks"] == [4, 16]
+    for r in ("r=4", "r=16"):
+        for key in ("delta", "own", "random", "norm_W", "norm_delta", "factor"):
+            assert a["at_layer"][r][key] == pytest.approx(b["at_layer"][r][key], rel=1e-12, abs=1e-12), (r, key)
+    # and the PEFT factors are PEFT's own: φ(1,1) from the lora_A weights peft saved
+    from safetensors.torch import load_file
+
+    A = {r: load_file(str(folders / f"r{r}" / "adapter_model.safetensors"))[
+        "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"] for r in (4, 16)}
+    assert phi_a["phi_q"][0, 0] == pytest.approx(similarity(A[4], A[16])[0, 0], abs=1e-12)

@@ -57,26 +57,51 @@ def points(chosen, args):
     return pd.concat(frames, ignore_index=True)
 
 
+def select_points(df, args):
+    """Drop --exclude-layers and keep each run's --last-k saved steps."""
+    if args.exclude_layers:
+        df = df[~df["layer"].isin(args.exclude_layers)]
+    if args.last_k:
+        keep = {run: sorted(g["step"].unique())[-args.last_k:] for run, g in df.groupby("run")}
+        df = df[[step in keep[run] for run, step in zip(df["run"], df["step"])]]
+    if df.empty:
+        raise UsageError(f"no points left after --exclude-layers {args.exclude_layers} --last-k {args.last_k}")
+    return df
+
+
+def output_name(matrix: str) -> str:
+    """decomposition (Wq, DoRA Fig. 2) or decomposition_<m> (Wv: Fig. 7), so both summaries can sit side by side."""
+    return "decomposition" if matrix == "q" else f"decomposition_{matrix}"
+
+
 def decomposition(args) -> Produced:
     from analysis.decomposition import correlations
     from analysis.tables import write_table
 
     infos = load(args)
     chosen = choose_runs(infos, args)
-    df = points(chosen, args)
-    corr = correlations(df)
-    out = out_dir(args, infos, "decomposition")
-    stem = f"dora_fig2_{args.matrix}"
-    files = figures.save(figures.dora_figure2(df, kind=args.matrix), out / stem)
+    df = select_points(points(chosen, args), args)
+    y = "dM_rel" if args.relative_m else "dM"
+    corr = correlations(df, y=y, bootstrap=args.bootstrap, seed=args.random_seed)
+    out = out_dir(args, infos, output_name(args.matrix))
+    stem = f"dora_fig2_{args.matrix}" + ("_relative" if args.relative_m else "")
+    files = figures.save(figures.dora_figure2(df, kind=args.matrix, y=y), out / stem)
     df.to_csv(out / f"{stem}_points.csv", index=False)
     files.append(out / f"{stem}_points.csv")
+    what = "relative ΔM (|Δ‖W_n‖| / ‖W0_n‖, not the paper's eq. 3)" if args.relative_m else "ΔM"
     files += write_table(corr.set_index("method"), out / f"{stem}_correlations", digits=3,
-                         caption=f"Pearson correlation of ΔD and ΔM (W{args.matrix}); paper: FT −0.62, DoRA −0.31, LoRA +0.83")
+                         caption=f"Correlation of ΔD and {what} (W{args.matrix}): pooled Pearson (the paper's: FT −0.62, "
+                                 "DoRA −0.31, LoRA +0.83), Spearman, mean within-step, partial given the step")
+    col = lambda c: {r["method"]: float(r[c]) for _, r in corr.iterrows() if c in r}  # noqa: E731
     summary = DecompositionSummary(
-        matrix=args.matrix, runs={m: str(i.dir) for m, i in chosen},
-        pearson_r={r["method"]: float(r["pearson_r"]) for _, r in corr.iterrows()},
-        slope={r["method"]: float(r["slope"]) for _, r in corr.iterrows()},
-        points={r["method"]: int(r["points"]) for _, r in corr.iterrows()})
+        matrix=args.matrix, runs={m: str(i.dir) for m, i in chosen}, pearson_r=col("pearson_r"), slope=col("slope"),
+        points={r["method"]: int(r["points"]) for _, r in corr.iterrows()}, spearman_r=col("spearman_r"),
+        within_step=corr.attrs["within_step"], within_step_mean=col("within_step_mean_r"), partial_r=col("partial_r"),
+        ci_low=col("ci_low"), ci_high=col("ci_high"),
+        delta_d_range={m: [float(g["dD"].min()), float(g["dD"].max())] for m, g in df.groupby("method")},
+        delta_m_range={m: [float(g[y].min()), float(g[y].max())] for m, g in df.groupby("method")},
+        relative_m=bool(args.relative_m), excluded_layers=list(args.exclude_layers or []),
+        steps={m: sorted(int(s) for s in g["step"].unique()) for m, g in df.groupby("method")})
     print(corr.round(3).to_string(index=False))
     return Produced(summary, out, files, {"correlations": corr}, [i.run.config or {} for i in infos],
                     [str(i.dir) for i in infos])

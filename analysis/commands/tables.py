@@ -26,6 +26,10 @@ def _nested(df) -> dict:
     return out
 
 
+def _counts(n) -> dict:
+    return {t: {w: {r: int(v) for r, v in row.items()} for w, row in ws.items()} for t, ws in _nested(n).items()}
+
+
 def tables(args) -> Produced:
     from analysis.inputs import load_sweep_table, sweep_root
     from analysis.tables import PAPER_TABLE5, PAPER_TABLE6, side_by_side, table5, table6, table6_stats, write_table
@@ -54,12 +58,14 @@ def tables(args) -> Produced:
     files += write_table(side_by_side(t6, PAPER_TABLE6), out / "table6_vs_paper")
     mean, std, n = table6_stats(df, args.metric, **kw)
     summary.table6_mean, summary.table6_std = _nested(mean), _nested(std.fillna(np.nan))
-    summary.table6_seeds = {t: {w: {r: int(v) for r, v in row.items()} for w, row in ws.items()}
-                            for t, ws in _nested(n).items()}
+    summary.table6_seeds = _counts(n)
     summary.table6_cells = _cells(t6)
     if args.by:
         for value, part in df.groupby(df[args.by].astype(str)):
-            summary.table6_by[f"{args.by}={value}"] = _nested(table6_stats(part, args.metric, **kw)[0])
+            mean_by, std_by, n_by = table6_stats(part, args.metric, **kw)
+            summary.table6_by[f"{args.by}={value}"] = _nested(mean_by)
+            summary.table6_by_std[f"{args.by}={value}"] = _nested(std_by)
+            summary.table6_seeds_by[f"{args.by}={value}"] = _counts(n_by)
             t = table6(part, args.metric, **kw)
             files += write_table(t, out / f"table6_{args.by}{value}", caption=f"Table 6 at {args.by}={value}")
     tabs["table6"] = t6

@@ -43,6 +43,7 @@ class Recipe:
     extra_runs: list[tuple[str, list[str]]] = field(default_factory=list)  # (run subdir, run.py args)
     collect: Callable[[Path], None] | None = None  # writes recipe-specific numbers into the sweep dir
     tables: Callable[[Path], list[str]] | None = None  # extra report lines (markdown), e.g. the paper's table
+    tolerant: bool = False   # a failed analysis is reported and the others still run (many-run GPU recipes)
 
     @property
     def sweep(self) -> str:

@@ -288,7 +288,8 @@ def weight_modules(model, cfg) -> list[str]:
     adapted = list(lowrank.adapted_modules(model))
     if not spec(cfg.adapter.name).has_delta:
         return []  # no ΔW: no weight trajectory
-    if adapted or not (cfg.trainer.save_weights_at or cfg.trainer.save_weights_every):
+    t = cfg.trainer
+    if adapted or not (t.save_weights_at or t.save_weights_every or t.save_weights_at_fractions):
         return adapted
     return [t.name for t in resolve(model, list(cfg.targets), None if cfg.layers is None else list(cfg.layers))]
 

@@ -136,6 +136,10 @@ class TrainerConfig:
     checkpoint_every: int = 125
     save_weights_at: List[int] = field(default_factory=list)
     save_weights_every: int = 0
+    save_weights_at_fractions: List[float] = field(default_factory=list)
+    decay_magnitude: bool = False
+    head_first_steps: int = 0
+    head_first_lr: float = 1e-3
     precision: str = "auto"
     compile: str = "auto"
     fused_loss: str = "auto"
@@ -384,6 +388,10 @@ def _check_trainer(t) -> None:
         raise ConfigError(f"trainer.save_weights_at has step {late[0]} > trainer.max_steps={t.max_steps}; fix: keep "
                           f"the steps within the run, e.g. "
                           f"trainer.save_weights_at=[0,{t.max_steps // 2},{t.max_steps}]")
+    bad = [f for f in t.save_weights_at_fractions if not 0 <= f <= 1]
+    if bad:
+        raise ConfigError(f"trainer.save_weights_at_fractions has {bad[0]}, outside [0, 1]; fix: e.g. [0.25,0.5,0.75,1.0]")
+    _positive("trainer.head_first_steps", t.head_first_steps, allow_zero=True)
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"trainer.batch_size={t.batch_size} is not a multiple of trainer.grad_accum={t.grad_accum}; "
                           f"fix: make batch_size = micro-batch × grad_accum")

@@ -48,7 +48,7 @@ from lowrank.runner import accel, distributed
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
-from lowrank.runner.loss import autocast, batch_loss, can_fuse, loss_fn  # noqa: F401 - loss_fn: public here too
+from lowrank.runner.loss import autocast, batch_loss, can_fuse, loss_fn
 from lowrank.runner.rundir import CHECKPOINTS, GENERATIONS
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,52 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms, DoRA magnitudes). On
-    CUDA with float32 parameters, PyTorch's fused kernel (one launch for the whole update, same maths)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, *,
+                   decay_magnitude: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms), nor on DoRA magnitudes
+    unless ``decay_magnitude`` (the official DoRA code decays every parameter except biases and LayerNorm
+    weights, the magnitude m included: NVlabs/DoRA, VL-T5 ``trainer_base.py``). On CUDA with float32
+    parameters, PyTorch's fused kernel (one launch for the whole update, same maths)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decays = [p.ndim >= 2 or (decay_magnitude and n.endswith("magnitude")) for n, p in named]
+    groups = [{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": weight_decay},
+              {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}]
+    fused = bool(named) and all(p.is_cuda and p.dtype == torch.float32 for _, p in named)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def fraction_steps(fractions, total: int) -> set[int]:
+    """Optimizer steps at fractions of training (0.25 → a quarter of ``total``), for the weight trajectory."""
+    return {int(round(f * total)) for f in fractions}
+
+
+def probe_head(model: nn.Module, data: TaskData, cfg, device: torch.device, seed: int) -> None:
+    """Train only the task head (``classifier``/``score``/...) for ``cfg.head_first_steps`` steps before the
+    adaptation, so that a fresh head does not drive the first updates of the layers below it (a linear probe
+    then fine-tune, Kumar et al. 2022, arXiv 2202.10054). Target weights are untouched, so W0 is unchanged."""
+    from lowrank.core import HEAD_NAMES
+
+    head = [p for name, child in model.named_children() if name in HEAD_NAMES for p in child.parameters()]
+    if not head:
+        raise ValueError("trainer.head_first_steps > 0 but the model has no classifier/score head; fix: set 0")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    for p in head:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(head, lr=cfg.head_first_lr, betas=tuple(cfg.betas))
+    lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
+    batches = batch_order(len(data.train), cfg.batch_size, seed + 1, lengths=lengths)
+    model.train()
+    for _ in range(cfg.head_first_steps):
+        batch = collate(data.train[next(batches)], data.pad_id, data.kind, device=device)
+        with autocast(device, cfg.precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for p in trainable:
+        p.requires_grad_(True)
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -221,7 +259,8 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     """
     device = world.device(cfg.device, job_num)
     model.to(device)
-    fast = accel.plan(cfg, device, can_fuse(model, data.kind, cfg.label_smoothing, world.active))
+    fast = accel.plan(cfg, device, can_fuse(model, data.kind, cfg.label_smoothing, world.active),
+                      parameters=sum(p.numel() for p in model.parameters()))
     accel.prepare(model, fast)
     log.info("fast path on %s: %s", device, fast.describe())
     ckpt_dir = out_dir / CHECKPOINTS
@@ -229,11 +268,12 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     total = total_steps(cfg, len(data.train))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, decay_magnitude=cfg.decay_magnitude)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
     weight_steps = set(cfg.save_weights_at)
     if cfg.save_weights_every:
         weight_steps |= set(range(0, total + 1, cfg.save_weights_every)) | {total}
+    weight_steps |= fraction_steps(cfg.save_weights_at_fractions, total)
     key = f"eval/{task.metric}"
 
     state = {"step": 0, "final": None, "best": None, "wall_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0,
@@ -248,8 +288,11 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         resumed_from = state["step"]
         tracker.rewind(resumed_from)
         log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total)
-    elif 0 in weight_steps and world.is_main:
-        save_weights(model, list(weight_names), ckpt_dir, 0)
+    else:
+        if cfg.head_first_steps:
+            probe_head(model.to(device), data, cfg, device, seed)
+        if 0 in weight_steps and world.is_main:
+            save_weights(model, list(weight_names), ckpt_dir, 0)
     net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
 
     started = time.time()

@@ -1,0 +1,77 @@
+"""ΔW's singular value spectrum per run: full fine-tuning against LoRA/DoRA at several r (LoRA §4.1, §7)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.commands import Produced
+from analysis.selection import UsageError, adapter_spec, has_delta, load, out_dir
+from analysis.summaries import SpectrumSummary
+
+
+def run_label(info) -> str:
+    spec = adapter_spec(info.adapter)
+    parts = [spec.label if spec else info.adapter]
+    if spec is not None and spec.uses_rank and info.rank is not None:
+        parts.append(f"r={info.rank}")
+    if info.alpha is not None and spec is not None and spec.uses_rank:
+        parts.append(f"α={info.alpha:g}")
+    if info.seed is not None:
+        parts.append(f"seed {info.seed}")
+    return " ".join(parts)
+
+
+def final_deltas(info) -> dict:
+    """ΔW at the end of training: from the saved adapter, else from the last saved weights of the trajectory."""
+    try:
+        return info.run.deltas()
+    except FileNotFoundError:
+        steps = sorted(info.run.weight_trajectory())
+        if not steps:
+            raise UsageError(f"run {info.dir} has neither adapter weights nor saved weights; re-run it") from None
+        return info.run.deltas(step=steps[-1])
+
+
+def spectrum(args) -> Produced:
+    import pandas as pd
+
+    from analysis import figures
+    from analysis.names import parse_module_name
+    from analysis.spectrum import effective_rank, energy_top, singular_values, spectrum_figure, stable_rank
+
+    infos = load(args)
+    runs = [i for i in infos if has_delta(adapter_spec(i.adapter))]
+    if args.seed is not None:
+        runs = [i for i in runs if i.seed == args.seed]
+    if not runs:
+        from analysis.selection import _no_delta_line
+
+        raise UsageError(_no_delta_line(sorted({i.adapter for i in infos}), "weight"))
+    rows, spectra, dirs = [], {}, {}
+    labels = [run_label(i) for i in runs]
+    for info, label in zip(runs, labels):
+        if labels.count(label) > 1:  # e.g. two FT runs at different lr: tell them apart by their folder
+            label = f"{label} ({info.dir.name})"
+        deltas = {m: d for m, d in final_deltas(info).items() if parse_module_name(m)[1] in args.matrices}
+        for module, d in sorted(deltas.items()):
+            s = singular_values(d)
+            spectra.setdefault(label, []).append(s)
+            layer, kind = parse_module_name(module)
+            rows.append({"run": label, "module": module, "layer": layer, "matrix": kind, "norm": float(np.sqrt((s ** 2).sum())),
+                         "effective_rank": effective_rank(s), "stable_rank": stable_rank(s),
+                         **{f"energy_top{r}": energy_top(s, r) for r in args.top}})
+        dirs[label] = str(info.dir)
+    df = pd.DataFrame(rows)
+    out = out_dir(args, infos, "spectrum")
+    files = figures.save(spectrum_figure(spectra, ranks=args.top, matrix=", ".join(args.matrices)), out / "spectrum")
+    df.to_csv(out / "spectrum_per_module.csv", index=False)
+    files.append(out / "spectrum_per_module.csv")
+    med = df.groupby("run", sort=False).median(numeric_only=True)
+    summary = SpectrumSummary(
+        matrix=list(args.matrices), runs=dirs,
+        energy_top_r={run: {f"r={r}": float(row[f"energy_top{r}"]) for r in args.top} for run, row in med.iterrows()},
+        effective_rank={run: float(row["effective_rank"]) for run, row in med.iterrows()},
+        stable_rank={run: float(row["stable_rank"]) for run, row in med.iterrows()})
+    print(med[["effective_rank", "stable_rank", *[f"energy_top{r}" for r in args.top]]].round(3).to_string())
+    return Produced(summary, out, files, {"spectrum": df}, [i.run.config or {} for i in infos],
+                    [str(i.dir) for i in infos])
