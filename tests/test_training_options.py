@@ -70,5 +70,8 @@ def test_fractions_alone_keep_the_full_fine_tuning_trajectory():
 
     cfg = OmegaConf.create({"targets": ["q", "v"], "layers": None,
                             "trainer": {"save_weights_at": [], "save_weights_every": 0, "save_weights_at_fractions": [0.5]}})
-    names = weight_modules(_tiny_bert(), cfg)  # full fine-tuning: no adapted modules, the targets' own weights
+    import lowrank
+
+    model = lowrank.adapt(_tiny_bert(), "full")
+    names = weight_modules(model, cfg)  # full fine-tuning: no adapted modules, the targets' own weights
     assert len(names) == 4 and all(n.endswith(("query", "value")) for n in names)

@@ -279,17 +279,17 @@ def _follow(model, data, cfg, run_dir: Path, fp: str, ident: dict, world) -> dic
 
 
 def weight_modules(model, cfg) -> list[str]:
-    """Modules whose weights form the trajectory: the adapted ones, else (full/bitfit/head) the targets."""
+    """Modules whose weights form the trajectory: the adapted ones, else (full/bitfit/head) the targets;
+    none for methods without a ΔW of a weight matrix (prefixes, prompts, bottleneck adapters)."""
     import lowrank
+    from lowrank.adapters import spec
     from lowrank.targeting import resolve
 
-    from lowrank.adapters import spec
-
+    if not spec(lowrank.adapter_config(model)["adapter"]).has_delta:
+        return []
     adapted = list(lowrank.adapted_modules(model))
-    if not spec(cfg.adapter.name).has_delta:
-        return []  # no ΔW: no weight trajectory
-    t = cfg.trainer
-    if adapted or not (t.save_weights_at or t.save_weights_every or t.save_weights_at_fractions):
+    trainer = cfg.trainer
+    if adapted or not (trainer.save_weights_at or trainer.save_weights_every or trainer.save_weights_at_fractions):
         return adapted
     return [t.name for t in resolve(model, list(cfg.targets), None if cfg.layers is None else list(cfg.layers))]
 
