@@ -7,7 +7,7 @@
     python -m lowrank.runner.results aggregate <sweep_dir>    # rebuild a sweep's table
 
 Re-running a command with the same hydra.run.dir / hydra.sweep.dir skips completed runs and resumes
-interrupted ones. What each run writes: lowrank/runner/app.py; the config schema: lowrank/runner/config.py.
+interrupted ones. What each run writes: lowrank/runner/app.py; the command line: lowrank/runner/command.py; the config schema: lowrank/runner/config.py.
 """
 
 import os
@@ -20,13 +20,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lowrank.runner import app  # noqa: E402
+from lowrank.runner import command  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
-    return app.main(cfg)
+    return command.task(cfg)
 
 
 if __name__ == "__main__":
-    app.cli(main)
+    command.main(main)

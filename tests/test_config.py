@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lowrank.runner.config import CONF_DIR, ConfigError, choices, validate
-from lowrank.runner.app import adapt_kwargs, fingerprint, jobs_of, preflight
+from lowrank.runner.app import adapt_kwargs, fingerprint
+from lowrank.runner.command import jobs_of, preflight
 
 from conftest import run_cli, tiny_args
 

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lowrank.runner import app
+from lowrank.runner import app, command
 from lowrank.runner.config import CONF_DIR, choices
 
 PRESETS = choices("experiment")
@@ -28,7 +28,7 @@ def test_preset_runs(preset, tiny_bert, tiny_llama, tiny_data, tmp_path, monkeyp
                  f"model.pretrained={model}", "model.name=tiny", "model.gguf_file=null", "model.dtype=float32",
                  f"paths.data_dir={tiny_data}", "trainer.save_weights_at=[0,3,6]"]
     # every job of the preset's own sweep validates (the command-line preflight)
-    assert app.preflight(["-m", f"experiment={preset}", "trainer=smoke", "trainer.save_weights_at=[0,3,6]",
+    assert command.preflight(["-m", f"experiment={preset}", "trainer=smoke", "trainer.save_weights_at=[0,3,6]",
                           f"model.pretrained={model}", "model.name=tiny", "model.gguf_file=null",
                           "model.dtype=float32"]) >= 1
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

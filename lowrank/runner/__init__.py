@@ -4,16 +4,20 @@ It imports the library (``lowrank``), never the reverse, and is the only place t
 ``datasets`` or W&B. What a reader opens to follow ``python run.py`` to ``result.json``:
 
     app.py          the Hydra job: config → model, data, ``lowrank.adapt``, ``fit``, result.json
-    config.py       the config schema and its validation (one-line errors before anything loads)
+    command.py      run.py's command line: every job of a sweep validated first, exit codes
+    schema.py       the config schema (one dataclass per config group)
+    config.py       the config's validation (one-line errors before anything loads)
     models.py       loading models: hub name, local folder, packaged weights (MiniLM, SmolLM2 GGUF)
     data.py         tasks: local copies under the data dir or the hub; tokenisation, batching
-    train.py        the loop: optimiser, schedule, evaluation, checkpoints, resume
+    train.py        the loop: optimiser, schedule, resume (evaluate.py, checkpoints.py, loss.py beside it)
     rundir.py       the run directory: file names, atomic writes, result.json, run discovery
     results.py      reading runs and sweeps back (notebooks and ``analysis`` use only this)
     tracking.py     metrics.jsonl and W&B
     metrics.py      accuracy, Matthews correlation, corpus BLEU
     distributed.py  torchrun / DDP
-    accel.py        speed paths: regional compile, fused chunked loss
+    accel.py        speed paths: regional compile, CUDA graphs, fused chunked loss
+    costs.py        the cost model: predicted memory by component and FLOPs per step
+    bundle.py       an offline bundle (wheels, bf16 models, data) for GPU nodes without registry access
 
 Submodules are imported on demand; importing this package loads nothing heavy.
 """

@@ -1,0 +1,130 @@
+"""``run.py``'s command line around the Hydra job (``lowrank.runner.app.run``).
+
+``preflight(argv)`` runs before Hydra launches anything: it composes every job of the command line (the
+sweep's cartesian product, and ``hydra.sweeper.params`` of presets) and validates each, so a bad value in
+the 5th job of a sweep is reported before the 1st one trains. ``task(cfg)`` is Hydra's task function: a
+config error exits with one line and status 2; a failed run is recorded and the sweep goes on.
+``main(hydra_main)`` is the entry point: exit status 2 on a config error, 1 if a run failed, else 0.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from lowrank.runner import app
+from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, validate
+
+_failures: list[str] = []
+
+
+def task(cfg: DictConfig) -> dict:
+    """Hydra's task function (``run.py``): a config error exits with one line and status 2; a failed
+    run is recorded in its result.json, counted, and the sweep goes on."""
+    try:
+        result = app.run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if result["status"] != "completed":
+        _failures.append(str(cfg.paths.output_dir))
+    return result
+
+
+def exit_status() -> int:
+    """1 if any job of this process failed, else 0."""
+    if _failures:
+        print(f"error: {len(_failures)} run(s) failed; see result.json in: {', '.join(_failures)}", file=sys.stderr)
+    return 1 if _failures else 0
+
+
+_NO_PREFLIGHT = ("--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "-i", "--shell-completion",
+                 "-sc", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                 "--experimental-rerun", "--resolve", "--package", "-p")
+
+
+def jobs_of(argv: list[str]) -> list[list[str]]:
+    """The override lists of the jobs ``run.py argv`` would launch (one list unless ``-m``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    multirun = "-m" in argv or "--multirun" in argv
+    args = [a for a in argv if not a.startswith("-")]
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(args)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"cannot parse the overrides ({first_line(e)}); fix: write key=value, "
+                          f"e.g. rank=8 or adapter=lora,dora with -m") from None
+    for o in parsed:
+        group = o.key_or_group
+        if group not in GROUPS or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for value in values:
+            if value not in choices(group) and value != "null":
+                raise ConfigError(f"{group}={value!r} is unknown; fix: {group}=<one of {', '.join(choices(group))}>")
+    if not multirun:
+        return [args]
+    # A preset's own sweep (hydra.sweeper.params) runs under the command line's overrides.
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        base = compose("config", overrides=[a for a in args if not _is_sweep(a) and not a.startswith(_HYDRA)],
+                       return_hydra_config=True)
+    preset = {k: str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
+    given = {o.key_or_group for o in parsed}
+    args = [f"{k}={v}" for k, v in preset.items() if k not in given] + args
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(args), None)
+    return [job for batch in batches for job in batch]
+
+
+_HYDRA = ("hydra.", "hydra/", "+hydra", "++hydra", "~hydra")
+
+
+def _is_sweep(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(arg).is_sweep_override()
+
+
+def preflight(argv: list[str], limit: int = 256) -> int:
+    """Compose and validate every job of the command line; raise ConfigError (one line) on the first bad
+    one. Returns the number of jobs checked (0 when the command is not a run: --help, --cfg, ...)."""
+    if any(a.split("=")[0] in _NO_PREFLIGHT for a in argv):
+        return 0
+    from hydra import compose, initialize_config_dir
+
+    jobs = jobs_of(argv)[:limit]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for overrides in jobs:
+            try:
+                cfg = compose("config", overrides=[o for o in overrides if not o.startswith(_HYDRA)])
+            except Exception as e:  # noqa: BLE001 - Hydra's composition errors span lines; keep the first
+                unknown = re.match(r"Could not override '([^']+)'", first_line(e))
+                if unknown:
+                    raise ConfigError(f"unknown config key '{unknown.group(1)}'; fix: check its spelling "
+                                      f"(`python run.py --cfg job` lists the keys)") from None
+                raise ConfigError(f"{first_line(e)}; fix: check the override's key and value "
+                                  f"(`python run.py --help` lists groups and options)") from None
+            cfg.paths.output_dir = "<preflight>"  # Hydra resolves it inside the app only
+            validate(cfg)
+    return len(jobs)
+
+
+def main(hydra_main) -> None:
+    """``run.py``: preflight, then Hydra; exits 2 on a config error, 1 if a run failed, else 0."""
+    app.quiet_libraries()
+    from lowrank.runner import distributed
+
+    try:
+        preflight(sys.argv[1:])
+        sys.argv += distributed.torchrun_overrides(sys.argv[1:])
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    hydra_main()
+    distributed.shutdown()
+    raise SystemExit(exit_status())
