@@ -8,16 +8,17 @@ its factors, its ΔW and the base weights W0 of the modules it adapts. The base 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-PEFT_CONFIG = "adapter_config.json"
+from lowrank.io import load_tensors, read_json
+from lowrank.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
+from lowrank.runner.rundir import RESULT
 
 __all__ = ["PEFT_CONFIG", "is_peft_dir", "PeftRun"]
 
 
 def is_peft_dir(path: Path) -> bool:
-    return (Path(path) / PEFT_CONFIG).is_file() and not (Path(path) / "result.json").is_file()
+    return (Path(path) / PEFT_CONFIG).is_file() and not (Path(path) / RESULT).is_file()
 
 
 def _model_class(task_type: str | None):
@@ -32,7 +33,7 @@ class PeftRun:
 
     def __init__(self, path, base_model: str | None = None):
         self.dir = Path(path)
-        self.peft_config = json.loads((self.dir / PEFT_CONFIG).read_text())
+        self.peft_config = read_json(self.dir / PEFT_CONFIG)
         self.base = base_model or self.peft_config.get("base_model_name_or_path")
         if not self.base:
             raise ValueError(f"{self.dir}/{PEFT_CONFIG} names no base_model_name_or_path; pass --base-model <dir>")
@@ -47,11 +48,10 @@ class PeftRun:
         """The base model with the adapter loaded (once): the adapted modules hold A, B, m and W0."""
         if self._model is None:
             import lowrank
-            from safetensors.torch import load_file
 
             kwargs = {}
             if self.peft_config.get("task_type") == "SEQ_CLS":
-                tensors = load_file(str(self.dir / "adapter_model.safetensors"))
+                tensors = load_tensors(self.dir / PEFT_WEIGHTS)
                 head = [v for k, v in tensors.items() if k.endswith(("classifier.weight", "score.weight",
                                                                      "classifier.out_proj.weight"))]
                 if head:

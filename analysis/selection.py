@@ -170,7 +170,7 @@ def two_seeds(runs, rank, seeds):
     from analysis.inputs import select
 
     at = select(runs, rank=rank)
-    have = seeds_at(runs, rank)
+    have = sorted({i.seed for i in at if i.seed is not None})
     if seeds:
         missing = [s for s in seeds if s not in have]
         if missing:

@@ -11,8 +11,6 @@ N runs at a time (several small runs share one GPU well), the runs of all the re
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time

@@ -72,16 +72,17 @@ class Bottleneck(AdaptedLayer):
         return f"d={self.out_features}, r={self.rank}, nonlinearity={self.nonlinearity}"
 
 
-def build_houlsby(target, rank, alpha, options: dict) -> Bottleneck:
-    no_slices("houlsby", target)
-    return Bottleneck(target.module, rank, nonlinearity=options.get("nonlinearity", "swish"),
-                      init_std=options.get("init_std", 0.01))
+def _builder(name: str, nonlinearity: str):
+    """The registry's constructor of one bottleneck variant (its name and default nonlinearity)."""
+    def build(target, rank, alpha, options: dict) -> Bottleneck:
+        no_slices(name, target)
+        return Bottleneck(target.module, rank, nonlinearity=options.get("nonlinearity", nonlinearity),
+                          init_std=options.get("init_std", 0.01))
+    return build
 
 
-def build_pfeiffer(target, rank, alpha, options: dict) -> Bottleneck:
-    no_slices("pfeiffer", target)
-    return Bottleneck(target.module, rank, nonlinearity=options.get("nonlinearity", "relu"),
-                      init_std=options.get("init_std", 0.01))
+build_houlsby = _builder("houlsby", "swish")
+build_pfeiffer = _builder("pfeiffer", "relu")
 
 
 def is_norm(name: str) -> bool:

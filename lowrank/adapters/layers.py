@@ -50,16 +50,19 @@ class BlockSchedule(Injected):
 
 
 def _top_blocks(model: nn.Module, k) -> list[nn.Module]:
+    """The top ``k`` blocks (top first), set to train."""
     name, count = block_list(model)
     k = _check_k(count if k is None else k, count)
     stack = model.get_submodule(name)
-    return [stack[i] for i in range(count - 1, count - 1 - k, -1)]  # top first
+    blocks = [stack[i] for i in range(count - 1, count - 1 - k, -1)]
+    for block in blocks:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    return blocks
 
 
 def inject_top(model, targets=None, layers=None, rank=None, options=None):
-    for block in _top_blocks(model, (options or {}).get("k", 2)):
-        for p in block.parameters():
-            p.requires_grad_(True)
+    _top_blocks(model, (options or {}).get("k", 2))
     return None
 
 
@@ -69,7 +72,4 @@ def inject_gradual(model, targets=None, layers=None, rank=None, options=None):
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
         raise ValueError(f"every={every!r} is not a positive number of steps; pass e.g. every=40")
     blocks = _top_blocks(model, options.get("k"))
-    for block in blocks:
-        for p in block.parameters():
-            p.requires_grad_(True)
     return attach(model, BlockSchedule(blocks, every))

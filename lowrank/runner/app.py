@@ -108,9 +108,11 @@ def _peak_memory() -> dict:
 
 
 def _rss_mb() -> float | None:
+    from lowrank.runner.costs import rss
+
     try:
-        return round(int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024, 1)
-    except (OSError, StopIteration):
+        return round(rss()[0] / 2**20, 1)
+    except (OSError, KeyError):
         return None
 
 

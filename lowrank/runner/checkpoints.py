@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lowrank.atomic import atomic_path
-from lowrank.io import load_into, save_tensors
+from lowrank.io import load_into, load_tensors, save_tensors
 from lowrank.runner.rundir import weights_file
 
 
@@ -74,7 +73,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> P
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
     """Restore a ``save_checkpoint`` folder into model/optimizer/scheduler and the RNGs; return the state."""
-    tensors = load_file(str(path / "trainable.safetensors"))
+    tensors = load_tensors(path / "trainable.safetensors")
     load_into(model, tensors, f"checkpoint {path}", fix="it belongs to another configuration: delete it or "
                                                          "use another run dir")
     blob = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)

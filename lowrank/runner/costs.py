@@ -237,7 +237,7 @@ def predict(model: nn.Module, *, batch: int, seq: int, autocast: bool, kind: str
 
 # ---- measurement -------------------------------------------------------------------------------------------
 
-def _rss() -> tuple[int, int]:
+def rss() -> tuple[int, int]:
     """(current RSS, peak RSS since the last reset) in bytes, from /proc (Linux)."""
     fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
     return tuple(int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
@@ -269,7 +269,8 @@ def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.
     """Peak memory of ``steps`` training steps of the runner's step (AdamW, autocast, its loss), on random
     tokens: CUDA ``max_memory_allocated`` (everything), or on the CPU the RSS growth over the steps
     (the weights are loaded before, so it is predicted peak minus weights)."""
-    from lowrank.runner.train import loss_fn, make_optimizer
+    from lowrank.runner.loss import loss_fn
+    from lowrank.runner.train import make_optimizer
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 2000, (batch, seq), generator=g).to(device)
@@ -283,7 +284,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.
     else:
         fixed_mmap_threshold()
         _reset_rss_peak()
-    start = _rss()[0]
+    start = rss()[0]
     for _ in range(steps):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
@@ -295,7 +296,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.
     if device.type == "cuda":
         torch.cuda.synchronize()
         return {"cuda_peak_mb": round(torch.cuda.max_memory_allocated() / MB, 1)}
-    return {"rss_growth_mb": round((_rss()[1] - start) / MB, 1)}
+    return {"rss_growth_mb": round((rss()[1] - start) / MB, 1)}
 
 
 # ---- predicted vs measured on a model of a benchmark preset's shape -----------------------------------------

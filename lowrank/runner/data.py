@@ -214,7 +214,7 @@ def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     key = json.dumps({"task": OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task,
-                      "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+                      "files": [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in files],
                       "tokenizer": [type(tokenizer).__name__, hashlib.sha1(vocab.encode()).hexdigest(),
                                     tokenizer.pad_token_id, tokenizer.eos_token_id],
                       "max_seq_len": max_seq_len, "max_eval_samples": max_eval_samples, "format": 1},

@@ -26,7 +26,7 @@ def evaluate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) 
     """``({"eval/<metric>": value}, generations)`` on the eval set; the model is left in eval mode."""
     model.eval()
     ev = data.eval
-    ids, labels = list(ev["input_ids"]), list(ev["labels"])
+    ids, labels = ev["input_ids"], ev["labels"]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     predicted = []

@@ -33,6 +33,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+from lowrank.io import CONFIG, load_tensors, read_json
 from lowrank.runner.config import GROUPS
 from lowrank.runner.rundir import (ADAPTER, AGGREGATE, CHECKPOINTS, GENERATIONS, HYDRA_CONFIG, METRICS,
                                    WEIGHTS_FILE, BrokenResult, read_result, run_dirs)
@@ -68,7 +69,7 @@ class Run:
     @property
     def adapter_config(self) -> dict:
         """adapter/adapter_config.json: adapter, targets, rank, alpha, layers, options, modules, scaling."""
-        return json.loads((self.dir / ADAPTER / "adapter_config.json").read_text())
+        return read_json(self.dir / ADAPTER / CONFIG)
 
     # ---- the learned update ----------------------------------------------------------------------------
     def factors(self) -> dict[str, dict[str, torch.Tensor | float]]:
@@ -142,11 +143,9 @@ class Run:
 
     def weight_trajectory(self) -> dict[int, dict[str, torch.Tensor]]:
         """``{step: {module: W0 + ΔW}}`` from ``checkpoints/weights-step{N}.safetensors``, sorted by step."""
-        from safetensors.torch import load_file
-
         files = {int(m.group(1)): p for p in (self.dir / CHECKPOINTS).glob("weights-step*.safetensors")
                  if (m := WEIGHTS_FILE.search(p.name))}
-        return {step: load_file(str(files[step])) for step in sorted(files)}
+        return {step: load_tensors(files[step]) for step in sorted(files)}
 
     def generations(self) -> pd.DataFrame:
         """generations.jsonl of a generation task (mr, prediction, references) as a DataFrame."""
@@ -155,8 +154,7 @@ class Run:
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _module_names(self, model) -> list[str]:
-        adapter = self.dir / ADAPTER / "adapter_config.json"
-        names = json.loads(adapter.read_text()).get("modules", []) if adapter.is_file() else []
+        names = self.adapter_config.get("modules", []) if (self.dir / ADAPTER / CONFIG).is_file() else []
         if names:
             return names
         trajectory = sorted((self.dir / CHECKPOINTS).glob("weights-step*.safetensors"))

@@ -290,23 +290,23 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total)
     else:
         if cfg.head_first_steps:
-            probe_head(model.to(device), data, cfg, device, seed)
+            probe_head(model, data, cfg, device, seed)
         if 0 in weight_steps and world.is_main:
             save_weights(model, list(weight_names), ckpt_dir, 0)
     net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
 
     started = time.time()
-    columns = {k: list(data.train[k]) for k in ("input_ids", "labels")}  # plain lists: cheap to index per step
+    columns = {k: data.train[k] for k in ("input_ids", "labels")}  # plain lists: cheap to index per step
     lengths = [len(x) for x in columns["input_ids"]] if cfg.group_by_length else None
     batches = batch_order(len(data.train), cfg.batch_size, seed, start=state["step"], lengths=lengths)
     losses, clock = _Losses(), _StepClock()
     generations: list = []
     model.train()
     bar = _progress(cfg, total, state["step"])
+    schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
     while state["step"] < total:
         step = state["step"] + 1
-        schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)
-        if schedule is not None:  # a per-step choice of what trains (gradual unfreezing)
+        if schedule is not None:  # a per-step choice of what trains
             schedule(step)
         indices = world.shard(next(batches))
         step_loss = None
