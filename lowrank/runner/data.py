@@ -1,7 +1,8 @@
-"""Task data through the ``datasets`` library: local copies (``paths.data_dir``) or the hub, then tokens.
+"""Task data: local copies (``paths.data_dir``) or the hub (through ``datasets``), then tokens.
 
 ``load_raw(task, data_dir)`` gives a ``DatasetDict`` with ``train`` and ``eval`` (and ``test`` where the
-local files have one):
+local files have one); ``raw_columns`` the same as plain lists, reading local files without importing
+``datasets`` (the hub alone needs it):
 
 - classification: columns ``text`` (str) and ``label`` (int);
 - generation (E2E): ``train`` has one row per (``mr``, ``ref``) pair; ``eval`` one row per distinct
@@ -16,8 +17,8 @@ If the local files are missing and the hub is reachable, the task's ``hub`` sour
 ``load(task, tokenizer, ...)`` tokenises: ``input_ids`` + ``labels`` (class ids, or for generation the
 target tokens with the prompt masked to -100), and ``collate`` pads a batch. Tokenised local data is
 cached per (task, files, tokenizer, max_seq_len, max_eval_samples) under ``$LOWRANK_CACHE_DIR``
-(default ``~/.cache/lowrank``): a later run reads one pickle instead of importing ``datasets`` and
-tokenising again (``LOWRANK_CACHE_DIR=off`` turns the cache off).
+(default ``~/.cache/lowrank``): a later run reads one pickle instead of tokenising again
+(``LOWRANK_CACHE_DIR=off`` turns the cache off).
 """
 
 from __future__ import annotations
@@ -104,10 +105,9 @@ def fixed_split(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def read_local(task, data_dir) -> "datasets.DatasetDict":
-    """The task's local files under ``data_dir`` as a DatasetDict (see the module docstring)."""
-    from datasets import Dataset, DatasetDict
-
+def local_columns(task, data_dir) -> dict[str, dict[str, list]]:
+    """The task's local files under ``data_dir`` as ``{split: {column: list}}`` (see the module docstring);
+    plain lists, so that tokenising local data never imports ``datasets``."""
     root = Path(str(data_dir)).expanduser()
     reader = READERS[task.local.format]
     splits: dict[str, dict[str, list]] = {}
@@ -122,7 +122,14 @@ def read_local(task, data_dir) -> "datasets.DatasetDict":
         for split in ("eval", "test"):
             if split in splits:
                 splits[split] = group_references(splits[split])
-    return DatasetDict({split: Dataset.from_dict(columns) for split, columns in splits.items()})
+    return splits
+
+
+def read_local(task, data_dir) -> "datasets.DatasetDict":
+    """``local_columns`` as a DatasetDict."""
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({split: Dataset.from_dict(columns) for split, columns in local_columns(task, data_dir).items()})
 
 
 def read_hub(task) -> "datasets.DatasetDict":
@@ -148,15 +155,33 @@ def read_hub(task) -> "datasets.DatasetDict":
     return DatasetDict(out)
 
 
+def _has_local_files(task, data_dir) -> bool:
+    root = Path(str(data_dir)).expanduser()
+    return all((root / rel).is_file() for rel in local_files(task).values())
+
+
 def load_raw(task, data_dir) -> "datasets.DatasetDict":
     """Local files if present, else the hub source (if allowed); ConfigError otherwise."""
     _quiet()
     check_data_dir(task, data_dir)  # raises when missing and the hub cannot stand in
-    root = Path(str(data_dir)).expanduser()
-    if all((root / rel).is_file() for rel in local_files(task).values()):
-        return read_local(task, root)
-    log.warning("task %s: no local files under %s; loading %s from the hub", task.name, root, task.hub.path)
+    if _has_local_files(task, data_dir):
+        return read_local(task, data_dir)
+    return _from_hub(task, data_dir)
+
+
+def _from_hub(task, data_dir) -> "datasets.DatasetDict":
+    log.warning("task %s: no local files under %s; loading %s from the hub", task.name,
+                Path(str(data_dir)).expanduser(), task.hub.path)
     return read_hub(task)
+
+
+def raw_columns(task, data_dir) -> dict[str, dict[str, list]]:
+    """``load_raw`` as ``{split: {column: list}}``: local files without ``datasets``, the hub through it."""
+    check_data_dir(task, data_dir)
+    if _has_local_files(task, data_dir):
+        return local_columns(task, data_dir)
+    _quiet()
+    return {split: ds.to_dict() for split, ds in _from_hub(task, data_dir).items()}
 
 
 # ---- tokenising --------------------------------------------------------------------------------------
@@ -250,19 +275,28 @@ def _with_decoder(td: TaskData, tokenizer) -> TaskData:
     return td
 
 
+def _batched(fn, columns: dict[str, list], size: int = 1000) -> dict[str, list]:
+    """``fn`` over slices of ``size`` rows of ``columns`` (a dict of lists), its outputs concatenated: what
+    ``datasets.Dataset.map(fn, batched=True)`` computes, without building Arrow tables."""
+    n = len(next(iter(columns.values()), []))
+    out: dict[str, list] = {}
+    for start in range(0, n, size):
+        for k, v in fn({k: v[start:start + size] for k, v in columns.items()}).items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
 def _tokenise(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None) -> TaskData:
-    raw = load_raw(task, data_dir)
+    raw = raw_columns(task, data_dir)
     train, ev = raw["train"], raw["eval"]
-    if max_eval_samples is not None and max_eval_samples < len(ev):
-        ev = ev.select(range(max_eval_samples))
+    if max_eval_samples is not None:
+        ev = {k: v[:max_eval_samples] for k, v in ev.items()}
     pad_id = tokenizer.pad_token_id
     if task.kind == "classification":
         def encode(batch):
             enc = tokenizer(batch["text"], truncation=True, max_length=max_seq_len)
             return {"input_ids": enc["input_ids"], "labels": batch["label"]}
-        train = train.map(encode, batched=True, remove_columns=train.column_names, keep_in_memory=True)
-        ev = ev.map(encode, batched=True, remove_columns=ev.column_names, keep_in_memory=True)
-        return TaskData("classification", _columns(train), _columns(ev), pad_id)
+        return TaskData("classification", _columns(_batched(encode, train)), _columns(_batched(encode, ev)), pad_id)
 
     def encode_pairs(batch, column):  # train: one row per (mr, ref); eval: (mr, refs), loss on the first ref
         pairs = [_generation_example(tokenizer, task.prompt.format(mr=mr), ref if isinstance(ref, str) else ref[0],
@@ -271,16 +305,14 @@ def _tokenise(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: 
 
     prompts = [tokenizer(task.prompt.format(mr=mr))["input_ids"][-max_seq_len:] for mr in ev["mr"]]
     td = TaskData("generation",
-                  _columns(train.map(encode_pairs, fn_kwargs={"column": "ref"}, batched=True,
-                                     remove_columns=train.column_names, keep_in_memory=True)),
-                  _columns(ev.map(encode_pairs, fn_kwargs={"column": "refs"}, batched=True,
-                                  remove_columns=ev.column_names, keep_in_memory=True)),
+                  _columns(_batched(lambda b: encode_pairs(b, "ref"), train)),
+                  _columns(_batched(lambda b: encode_pairs(b, "refs"), ev)),
                   pad_id, prompts=prompts, references=list(ev["refs"]), sources=list(ev["mr"]))
     return _with_decoder(td, tokenizer)
 
 
-def _columns(split) -> Columns:
-    return Columns({k: list(split[k]) for k in ("input_ids", "labels")})
+def _columns(split: dict[str, list]) -> Columns:
+    return Columns({k: split.get(k, []) for k in ("input_ids", "labels")})
 
 
 def bucket_width(longest: int, max_len: int, buckets: int) -> int:

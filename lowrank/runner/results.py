@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,11 @@ from lowrank.io import CONFIG, load_tensors, read_json
 from lowrank.runner.config import GROUPS
 from lowrank.runner.rundir import (ADAPTER, AGGREGATE, CHECKPOINTS, GENERATIONS, HYDRA_CONFIG, METRICS,
                                    WEIGHTS_FILE, BrokenResult, read_result, run_dirs)
+
+# pandas (half a second to import) is imported where a table is built: Hydra's AggregateCallback brings
+# this module into every run.py process and every parallel job, which never build one.
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -60,6 +65,8 @@ class Run:
     @cached_property
     def metrics(self) -> pd.DataFrame:
         """metrics.jsonl as a DataFrame: one row per logged step (``step``, ``train/loss``, ``eval/...``)."""
+        import pandas as pd
+
         path = self.dir / METRICS
         if not path.is_file():
             return pd.DataFrame(columns=["step"])
@@ -149,6 +156,8 @@ class Run:
 
     def generations(self) -> pd.DataFrame:
         """generations.jsonl of a generation task (mr, prediction, references) as a DataFrame."""
+        import pandas as pd
+
         path = self.dir / GENERATIONS
         return pd.read_json(path, lines=True) if path.is_file() else pd.DataFrame()
 
@@ -267,6 +276,8 @@ def load_sweep(path) -> pd.DataFrame:
     """One row per run dir under ``path``: ``run`` (folder), ``status``, the swept keys (the jobs' overrides,
     with typed values), ``final/<metric>`` and ``best/<metric>`` for every eval metric, ``best_step``,
     ``trainable_params``, ``total_params``, ``wall_time_s``, ``peak_memory_mb``, ``error``."""
+    import pandas as pd
+
     root = Path(path)
     rows, keys = [], []
     for d in run_dirs(root):
@@ -311,6 +322,8 @@ def aggregate(sweep_dir) -> pd.DataFrame:
 
 
 def _show(df: pd.DataFrame) -> str:
+    import pandas as pd
+
     hidden = ("error", "peak_memory_mb", "failed_step", "final/loss")
     cols = [c for c in df.columns if c not in hidden]
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format):
