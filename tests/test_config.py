@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from lowrank.runner.config import CONF_DIR, ConfigError, choices, validate
 from lowrank.runner.app import adapt_kwargs, fingerprint
+from lowrank.runner import command
 from lowrank.runner.command import jobs_of, preflight
 
 from conftest import run_cli, tiny_args
@@ -104,6 +105,29 @@ def test_preflight_rejects_a_bad_value_in_a_later_job():
         preflight(["-m", "rank=4,8,four"])
     with pytest.raises(ConfigError, match="adapter='loar' is unknown.*lora"):
         preflight(["-m", "adapter=lora,loar"])
+
+
+def test_sweep_jobs_compose_as_hydra_composes_each_alone():
+    # jobs sharing their config-group choices share one composition; each must equal Hydra's own compose
+    argv = ["-m", "adapter=lora,dora", "rank=4,64", "trainer=smoke,default", "trainer.lr=0.01",
+            "targets=[q,k]", "+trainer.extra=1", "~name", "model.dtype=float32", "experiment=lora_fig3",
+            "hydra/launcher=parallel", "hydra.sweep.dir=/tmp/unused"]
+    jobs = jobs_of(argv)
+    assert len(jobs) == 2 * 2 * 2 * 2  # the preset sweeps rank and seed; the command line's rank wins
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        fast = [OmegaConf.to_container(cfg) for _, cfg in command.composed(jobs)]
+        alone = [OmegaConf.to_container(compose("config", overrides=[o for o in job if not o.startswith("hydra")]))
+                 for job in jobs]
+    assert fast == alone
+    assert {(c["adapter"]["name"], c["rank"], c["trainer"]["max_steps"]) for c in fast} == {
+        (a, r, s) for a in ("lora", "dora") for r in (4, 64) for s in (6, 250)}
+
+
+def test_preflight_names_an_unknown_key_in_one_line():
+    for argv in (["-m", "adapter=lora,dora", "trainer=smoke,default", "trainer.nope=1"],
+                 ["-m", "adapter=lora,dora", "trainer.nope=1,2"], ["trainer.nope=1"]):
+        with pytest.raises(ConfigError, match="unknown config key 'trainer.nope'"):
+            preflight(argv)
 
 
 # ---- the command line, as a user types it --------------------------------------------------------------

@@ -40,8 +40,10 @@ def tiny_weight(model_dir: Path, module: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def smoke_run(tiny_bert, tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli(*tiny_args(tiny_bert, f"hydra.run.dir={out}", "trainer.save_weights_at=[0,3,6]"), data_dir=tiny_data)
+    proc = run_cli(*tiny_args(tiny_bert, f"hydra.run.dir={out}", "trainer.save_weights_at=[0,3,6]"),
+                   env=cli_env(tiny_data, PYTHONPROFILEIMPORTTIME=1))  # stderr lists every module imported
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "imports.txt").write_text(proc.stderr)
     return out
 
 
@@ -58,6 +60,23 @@ def test_result_json_is_complete_and_counts_parameters(smoke_run, tiny_bert):
     assert result["config"]["rank"] == 8 and result["config"]["targets"] == ["q", "v"]
     assert result["steps"] == 6 and result["wall_time_s"] > 0 and result["peak_memory_mb"] > 0
     assert "trainer=smoke" in result["overrides"]
+
+
+def test_a_run_imports_no_dataset_table_or_tracking_library(smoke_run):
+    # local task files are read and tokenised without `datasets`; pandas only builds sweep tables; logger=none
+    lines = (smoke_run.parent / "imports.txt").read_text().splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    packages = {name.split(".")[0] for name in imported}
+    assert {"torch", "transformers", "hydra", "lowrank"} <= packages, "the import log is incomplete"
+    assert packages.isdisjoint({"datasets", "pyarrow", "pandas", "wandb", "matplotlib"}), \
+        sorted(packages & {"datasets", "pyarrow", "pandas", "wandb", "matplotlib"})
+
+
+def test_startup_phases_are_recorded_in_order(smoke_run):
+    startup = json.loads((smoke_run / "result.json").read_text())["startup_s"]
+    phases = ["job_started", "config_checked", "model_loaded", "data_loaded", "first_step"]
+    assert list(startup) == phases
+    assert all(0 < startup[a] <= startup[b] for a, b in zip(phases, phases[1:]))
 
 
 def test_metrics_log_and_best_final(smoke_run):

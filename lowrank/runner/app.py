@@ -193,7 +193,8 @@ def run(cfg: DictConfig) -> dict:
     startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
     job = hydra_job()
     model_config = models.load_config(cfg.model, cfg.task)
-    check_targets(cfg, model_config)
+    check_targets(cfg, model_config)  # imports the model's transformers code: most of the start-up on a small model
+    startup["config_checked"] = _since_process_start(time.time())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     train.seed_everything(cfg.seed)

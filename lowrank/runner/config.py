@@ -12,6 +12,7 @@ model's skeleton on the meta device (no weights) in ``lowrank.runner.app``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -120,9 +121,15 @@ def _type_error(e: OmegaConfBaseException) -> ConfigError:
                        f"e.g. {example}")
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> DictConfig:
+    """``Config`` as an OmegaConf node, built once per process (merging copies it, never changes it)."""
+    return OmegaConf.structured(Config)
+
+
 def _example(key: str) -> str:
     """The schema's default for ``key`` written as a command-line value (``[q,v]``, ``8``, ``0.001``)."""
-    default = OmegaConf.select(OmegaConf.structured(Config), key, default=None, throw_on_missing=False)
+    default = OmegaConf.select(_schema(), key, default=None, throw_on_missing=False)
     if isinstance(default, (DictConfig, ListConfig)):
         default = OmegaConf.to_container(default)
     if default is None:
@@ -149,7 +156,7 @@ def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
     cfg = cfg.copy()
     _normalise(cfg)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        typed = OmegaConf.merge(_schema(), cfg)
     except OmegaConfBaseException as e:
         raise _type_error(e) from None
 
