@@ -77,6 +77,15 @@ def package_dir(spec: str) -> Path | None:
     return Path(list(found.submodule_search_locations)[0]) / sub
 
 
+def cache_dir(kind: str) -> Path | None:
+    """``$LOWRANK_CACHE_DIR/<kind>`` (default ``~/.cache/lowrank/<kind>``): what later runs reuse (tokenised
+    data, float copies of GGUF models); None when ``LOWRANK_CACHE_DIR=off``."""
+    setting = os.environ.get("LOWRANK_CACHE_DIR", "~/.cache/lowrank")
+    if setting.strip().lower() in ("off", "0", ""):
+        return None
+    return Path(setting).expanduser() / kind
+
+
 def choices(group: str) -> list[str]:
     """The options of a config group (the yaml files under conf/<group>/)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lowrank.runner.config import ConfigError, check_data_dir, first_line, local_files
+from lowrank.runner.config import ConfigError, cache_dir, check_data_dir, first_line, local_files
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)
@@ -229,10 +228,10 @@ def _generation_example(tokenizer, prompt: str, target: str, max_len: int) -> tu
 def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -> Path | None:
     """Where the tokenised data of this (task, local files, tokenizer, lengths) is cached; None when the
     cache is off or the files are not local."""
-    root_setting = os.environ.get("LOWRANK_CACHE_DIR", "~/.cache/lowrank")
+    cache = cache_dir("tokenised")
     root = Path(str(data_dir)).expanduser()
     files = [root / rel for rel in local_files(task).values()]
-    if root_setting.lower() in ("off", "0", "") or not all(f.is_file() for f in files):
+    if cache is None or not all(f.is_file() for f in files):
         return None
     from omegaconf import OmegaConf
 
@@ -244,7 +243,7 @@ def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -
                                     tokenizer.pad_token_id, tokenizer.eos_token_id],
                       "max_seq_len": max_seq_len, "max_eval_samples": max_eval_samples, "format": 1},
                      sort_keys=True, default=str)
-    return Path(root_setting).expanduser() / "tokenised" / f"{task.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pkl"
+    return cache / f"{task.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pkl"
 
 
 def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None = None) -> TaskData:

@@ -4,7 +4,9 @@
 or ``pkg://<package>/<folder>``, a folder inside an installed PyPI package (the offline defaults, MiniLM
 and SmolLM2, found with ``importlib.util.find_spec`` and never imported). Local folders load with
 ``local_files_only=True`` so they never touch the network; a GGUF file (``model.gguf_file``) is
-dequantised to float by transformers.
+dequantised to float by transformers, once: its float32 copy (config, tokenizer, weights as transformers
+converts them) is kept under ``$LOWRANK_CACHE_DIR/gguf`` and later runs load that (reading the GGUF
+tokenizer and dequantising SmolLM2-135M take ~30 s on a CPU, the copy ~1 s).
 
 Classification tasks get ``AutoModelForSequenceClassification`` with ``num_labels`` (a fresh head named
 ``classifier``/``score``); generation tasks get ``AutoModelForCausalLM``. Decoder-only models without a
@@ -14,13 +16,18 @@ pad token pad with their end-of-sequence token.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lowrank.runner.config import ConfigError, first_line, package_dir
+from lowrank.runner.config import ConfigError, cache_dir, first_line, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,16 @@ def _quiet() -> None:
 
 
 def source(model_cfg) -> tuple[str, dict]:
-    """``(name_or_path, from_pretrained kwargs)`` for ``model_cfg`` (no network, no weights)."""
+    """``(name_or_path, from_pretrained kwargs)`` for ``model_cfg`` (no network, no weights): the cached
+    float copy of a GGUF model once it exists."""
+    copy = gguf_copy(model_cfg)
+    if copy is not None and copy.is_dir():
+        return str(copy), {"local_files_only": True, **({"trust_remote_code": True} if model_cfg.get("trust_remote_code")
+                                                        else {})}
+    return _original(model_cfg)
+
+
+def _original(model_cfg) -> tuple[str, dict]:
     spec = str(model_cfg.pretrained)
     local = spec.startswith("pkg://") or Path(spec).expanduser().is_dir()
     path = str(package_dir(spec)) if spec.startswith("pkg://") else str(Path(spec).expanduser()) if local else spec
@@ -60,6 +76,53 @@ def source(model_cfg) -> tuple[str, dict]:
     if model_cfg.get("trust_remote_code"):
         kwargs["trust_remote_code"] = True
     return path, kwargs
+
+
+GGUF_COPY_FORMAT = 1
+
+
+def gguf_copy(model_cfg) -> Path | None:
+    """Where the float copy of ``model_cfg``'s local GGUF file is cached (keyed by the file, its size and
+    time, and the transformers version that converts it); None for other models or with the cache off."""
+    root = cache_dir("gguf")
+    if not model_cfg.get("gguf_file") or root is None:
+        return None
+    path, _ = _original(model_cfg)
+    gguf = Path(path) / str(model_cfg.gguf_file)
+    if not gguf.is_file():  # a hub repository: transformers' own download cache applies
+        return None
+    import transformers
+
+    stat = gguf.stat()
+    key = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__, GGUF_COPY_FORMAT])
+    return root / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def _write_gguf_copy(model_cfg, copy: Path) -> None:
+    """Dequantise the GGUF model (float32) and save it with its tokenizer as a transformers folder. Jobs of
+    a parallel sweep may do this at once: each writes its own folder and the first rename wins."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, kwargs = _original(model_cfg)
+    log.info("model %s: converting %s once (cached in %s)", model_cfg.name, model_cfg.gguf_file, copy)
+    tokenizer = _loading("tokenizer", model_cfg, AutoTokenizer.from_pretrained, path, **kwargs)
+    model = _loading("weights", model_cfg, AutoModelForCausalLM.from_pretrained, path, dtype=torch.float32, **kwargs)
+    # transformers dequantises the blocks on load (plain float Linear layers) but keeps a GGUF quantizer marker
+    # that refuses save_pretrained; the copy holds those float weights, loaded back like any float checkpoint
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{copy.name}-", dir=copy.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, copy)
+    except OSError:
+        if not copy.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _auto_class(task_cfg):
@@ -83,6 +146,9 @@ def load_config(model_cfg, task_cfg):
     from transformers import AutoConfig
 
     _quiet()
+    copy = gguf_copy(model_cfg)
+    if copy is not None and not copy.is_dir():
+        _write_gguf_copy(model_cfg, copy)
     path, kwargs = source(model_cfg)
     config = _loading("config", model_cfg, AutoConfig.from_pretrained, path, **kwargs)
     if task_cfg.kind == "classification":
@@ -112,8 +178,8 @@ def load(model_cfg, task_cfg, config=None, dtype: torch.dtype | None = None) -> 
     """``(model, tokenizer)`` for ``task_cfg.kind`` with weights in ``dtype`` (default: ``model.dtype``, float32
     for ``auto``); a new classification head is randomly initialised from torch's global RNG, so seed first."""
     _quiet()
-    path, kwargs = source(model_cfg)
     config = config if config is not None else load_config(model_cfg, task_cfg)
+    path, kwargs = source(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
     config.pad_token_id = tokenizer.pad_token_id
     model = _loading("weights", model_cfg, _auto_class(task_cfg).from_pretrained, path, config=config,
