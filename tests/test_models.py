@@ -30,6 +30,9 @@ def test_a_gguf_model_loads_from_its_copy_once_written(tmp_path, monkeypatch):
     assert models.source(cfg) == (str(copy), {"local_files_only": True})
     os.utime(folder / "tiny.gguf", ns=(1, 1))  # another file under the same name: another copy
     assert models.gguf_copy(cfg) != copy and models.source(cfg)[0] == str(folder)
+    packed = models.gguf_copy(cfg)
+    packed.with_name(packed.name + ".packed").touch()  # transformers kept the blocks packed: no float copy
+    assert models.gguf_copy(cfg) is None and models.source(cfg)[0] == str(folder)
     monkeypatch.setenv("LOWRANK_CACHE_DIR", "off")
     assert models.gguf_copy(cfg) is None and models.source(cfg)[0] == str(folder)
     assert models.gguf_copy(gguf_model(folder, gguf_file=None)) is None

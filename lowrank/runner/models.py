@@ -95,7 +95,8 @@ def gguf_copy(model_cfg) -> Path | None:
 
     stat = gguf.stat()
     key = json.dumps([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__, GGUF_COPY_FORMAT])
-    return root / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    copy = root / f"{gguf.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    return None if copy.with_name(copy.name + ".packed").exists() else copy
 
 
 def _write_gguf_copy(model_cfg, copy: Path) -> None:
@@ -107,12 +108,15 @@ def _write_gguf_copy(model_cfg, copy: Path) -> None:
     log.info("model %s: converting %s once (cached in %s)", model_cfg.name, model_cfg.gguf_file, copy)
     tokenizer = _loading("tokenizer", model_cfg, AutoTokenizer.from_pretrained, path, **kwargs)
     model = _loading("weights", model_cfg, AutoModelForCausalLM.from_pretrained, path, dtype=torch.float32, **kwargs)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(getattr(model, "hf_quantizer", None), "packed_modules", None):  # blocks kept packed for GGUF kernels: no float copy
+        copy.with_name(copy.name + ".packed").touch()
+        return
     # transformers dequantises the blocks on load (plain float Linear layers) but keeps a GGUF quantizer marker
     # that refuses save_pretrained; the copy holds those float weights, loaded back like any float checkpoint
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    copy.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{copy.name}-", dir=copy.parent))
     try:
         model.save_pretrained(tmp)
