@@ -89,7 +89,9 @@ def decomposition(args) -> Produced:
     corr = correlations(df, y=y, bootstrap=args.bootstrap, seed=args.random_seed)
     out = out_dir(args, infos, output_name(args.matrix))
     stem = f"dora_fig2_{args.matrix}" + ("_relative" if args.relative_m else "")
-    files = figures.save(figures.dora_figure2(df, kind=args.matrix, y=y), out / stem)
+    paper = ("FT", "LoRA", "DoRA")  # the paper's panels first, then any other method with ΔW
+    methods = [*paper, *(m for m in dict.fromkeys(df["method"]) if m not in paper)]
+    files = figures.save(figures.dora_figure2(df, methods=methods, kind=args.matrix, y=y), out / stem)
     df.to_csv(out / f"{stem}_points.csv", index=False)
     files.append(out / f"{stem}_points.csv")
     what = "relative ΔM (|Δ‖W_n‖| / ‖W0_n‖, not the paper's eq. 3)" if args.relative_m else "ΔM"
