@@ -17,7 +17,7 @@ An entry (``AdapterSpec``) says what the method is and how to handle it everywhe
   adapters (new modules), prefixes and prompts (new tokens). The weight analyses read ΔW of exactly the
   methods where it is True.
 
-Adding a method: a module here with its layer and ``build``, an entry below, ``conf/adapter/<name>.yaml``
+Adding a method: a module here with its layer and ``build``, an entry below (stating ``has_delta``), ``conf/adapter/<name>.yaml``
 naming its source, and a float64 reference test.
 """
 
