@@ -5,11 +5,11 @@ accumulation, bf16 autocast on CUDA, evaluation every ``eval_every`` steps (and 
 and final metrics, a tqdm bar when attached to a terminal.
 
 Speed. On CUDA the loop takes the fast path of ``lowrank.runner.accel`` (``trainer.compile``,
-``trainer.fused_loss``, ``trainer.length_buckets``; see ``accel.plan``): a small model's whole forward and backward
-replayed as one CUDA graph per batch shape (``lowrank.runner.graphs``), a large model's blocks compiled
-with CUDA graphs, batches padded to a few fixed widths, the fused causal-LM loss. The loop never waits for the GPU inside a
-step: each step's loss stays on the device, and the losses since the last read are read at once when the
-loop logs, evaluates or checkpoints (one host sync per logged step).
+``trainer.fused_loss``, ``trainer.length_buckets``; see ``accel.plan``): a small model's whole forward and
+backward replayed as one CUDA graph per batch shape (``lowrank.runner.graphs``), a large model's blocks
+compiled with CUDA graphs, batches padded to a few fixed widths, the fused causal-LM loss. The loop never
+waits for the GPU inside a step: each step's loss stays on the device, and the losses since the last read
+are read at once when the loop logs, evaluates or checkpoints (one host sync per logged step).
 
 Determinism and resume. Every random draw comes from a seeded source: the model's new head and the adapter
 initialisation from torch's global RNG (seeded by ``seed_everything`` before the model is built), dropout
