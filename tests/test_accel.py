@@ -192,6 +192,26 @@ def test_causal_lm_loss_needs_no_padding_mask(fused):
     assert got.item() == pytest.approx(nll / tokens, rel=1e-6)  # the loss is taken in float32
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_causal_lm_loss_is_the_mean_over_target_tokens_and_zero_without_any(label_smoothing):
+    from lowrank.runner.data import IGNORE
+    from lowrank.runner.loss import loss_fn
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6), generator=gen)
+    labels[0, 4:] = IGNORE
+    scored = labels[:, 1:] != IGNORE
+    logp = torch.log_softmax(logits[:, :-1].detach(), -1)[scored]
+    target = labels[:, 1:][scored]
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    expected = ((1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)).mean()
+    assert loss_fn(logits, labels, "generation", label_smoothing).item() == pytest.approx(expected.item(), rel=1e-6)
+    none = loss_fn(logits, torch.full_like(labels, IGNORE), "generation", label_smoothing)
+    none.backward()
+    assert none.item() == 0.0 and torch.isfinite(logits.grad).all()  # every target truncated: 0, not NaN
+
+
 def test_bucket_widths():
     from lowrank.runner.data import bucket_width
 

@@ -33,12 +33,14 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy: per sequence for classification, per target token (shifted) for generation."""
+    """Cross-entropy: per sequence for classification, per target token (shifted) for generation — the mean
+    over the target tokens, 0 for a batch without any (every target truncated away), not 0/0."""
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE, label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp_min(1)
 
 
 def can_fuse(model: nn.Module, kind: str, label_smoothing: float, distributed: bool) -> str | None:
