@@ -5,9 +5,13 @@
     layers         LoRA Figs. 6-7  the same for several layers
     wsubspace      LoRA Fig. 8   W's top-i right singular directions against A's, several r and random
     amplification  LoRA Table 7  ‖UᵀWVᵀ‖_F for ΔW / W / random directions, the factor, per layer
-    decomposition  DoRA Fig. 2   ΔM vs ΔD over checkpoints for FT, LoRA, DoRA runs, with correlations
+    decomposition  DoRA Fig. 2   ΔM vs ΔD over checkpoints, one panel per method (FT, LoRA, DoRA, ...)
     tables         LoRA Tables 5-6  metric by adapted matrices (budget-matched) and by rank
     spectrum       LoRA §4.1     ΔW's singular values: energy in the top r, effective rank (FT vs LoRA/DoRA)
+
+subspace, seeds, layers and wsubspace read the low-rank factors A, B (lora, dora, flora); amplification,
+decomposition and spectrum read ΔW = W − W0 (lora, dora, flora, ia3, full, top, gradual: the registry's
+has_delta). Other adapters are refused with one line.
 
 Output goes to <sweep>/analysis/<analysis>/ (or --out): PNG + PDF figures, markdown/LaTeX/CSV tables,
 the raw arrays (.npz) and summary.json; mirrored to W&B when the runs were configured for it.
@@ -103,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("subspace", "seeds", "wsubspace", "amplification"):
             s.add_argument("--layer", type=int, default=None, help="module layer index (default: the middle layer)")
         if name in ("subspace", "layers", "wsubspace", "amplification"):
-            s.add_argument("--ranks", type=int, nargs="+", default=None, help="ranks to compare (default: all/min+max)")
+            s.add_argument("--ranks", type=int, nargs="+", default=None,
+                           help="ranks to compare (default: all/min+max); amplification of a method without a "
+                                "rank (ia3, full, top, gradual): the r of ΔW's top-r directions, required")
         if name in ("seeds", "layers"):
             s.add_argument("--rank", type=int, default=None, help="rank of the two-seed comparison (default: max)")
             s.add_argument("--seeds", type=int, nargs=2, default=None,

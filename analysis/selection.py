@@ -1,8 +1,9 @@
 """Choosing the runs and matrices an analysis compares, and where its output goes.
 
-Adapters are told apart through the registry (``lowrank.adapters.ADAPTERS``): a method with low-rank
-factors (``has_factors``) feeds the subspace analyses; a method with a weight update ΔW (factors, or
-base weight matrices that train) feeds the weight analyses; others are refused with one line.
+Adapters are told apart through the registry (``lowrank.adapters.ADAPTERS``) alone: a method with low-rank
+factors (``has_factors``: lora, dora, flora) feeds the subspace analyses, which read A and B; a method whose
+target weight matrices change (``has_delta``: those, (IA)³, full, top, gradual) feeds the weight analyses,
+which read ΔW = W − W0 (``Run.deltas``, ``Run.weight_trajectory``); others are refused with one line.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import numpy as np
 
 from lowrank.adapters import ADAPTERS
 
-__all__ = ["UsageError", "progress", "out_dir", "load", "adapter_spec", "has_delta", "label", "factor_runs",
-           "directions_by_layer", "need", "middle", "spread_layers", "pick_pair_seed", "two_ranks", "two_seeds",
+__all__ = ["UsageError", "progress", "out_dir", "load", "adapter_spec", "label", "refusal", "factor_runs",
+           "delta_runs", "with_delta", "updated", "directions_by_layer", "need", "middle", "spread_layers", "pick_pair_seed", "two_ranks", "two_seeds",
            "one_run_per_rank"]
 
 
@@ -48,36 +49,45 @@ def adapter_spec(name: str):
     return ADAPTERS.get("full" if name == "ft" else name)
 
 
-def has_delta(spec) -> bool:
-    """A weight update ΔW exists: low-rank factors, or the method trains the base weight matrices."""
-    return spec is not None and (spec.has_factors or (spec.trains is not None and spec.trains("weight")))
-
-
 def label(name: str) -> str:
     spec = adapter_spec(name)
     return spec.label if spec is not None else name
 
 
-def _no_delta_line(names, what: str) -> str:
-    refused = [f"{n} ({label(n)})" for n in names if not has_delta(adapter_spec(n))]
-    usable = [n for n, s in ADAPTERS.items() if has_delta(s)] if what == "weight" else \
-        [n for n, s in ADAPTERS.items() if s.has_factors]
-    return (f"adapter {', '.join(refused) or ', '.join(names)} has no "
-            f"{'weight update ΔW' if what == 'weight' else 'low-rank factors'}; this analysis reads "
-            f"{'ΔW' if what == 'weight' else 'A and B'}: pass runs of {', '.join(usable)}")
+#: what each kind of analysis reads: the registry's predicate, and its words in a refusal
+_NEEDS = {"factors": (lambda s: s.has_factors, "low-rank factors", "A and B"),
+          "delta": (lambda s: s.has_delta, "weight update ΔW = W − W0", "ΔW")}
 
 
-def factor_runs(infos, adapter: str | None = None):
-    """The runs of one low-rank adapter: ``adapter``, else LoRA when present, else the only one there is."""
+def _has(spec, need: str) -> bool:
+    return spec is not None and _NEEDS[need][0](spec)
+
+
+def refusal(names, need: str) -> str:
+    """One line: which of ``names`` lack what the analysis reads (``need``: factors or delta), and the
+    adapters whose runs it takes."""
+    has, what, reads = _NEEDS[need]
+    refused = [f"{n} ({label(n)})" for n in names if not _has(adapter_spec(n), need)]
+    usable = [n for n, s in ADAPTERS.items() if has(s)]
+    line = (f"adapter {', '.join(refused) or ', '.join(names)} has no {what}; this analysis reads {reads}: "
+            f"pass runs of {', '.join(usable)}")
+    if need == "factors":
+        other = [n for n, s in ADAPTERS.items() if s.has_delta and not s.has_factors]
+        line += f" (for ΔW of {', '.join(other)}: amplification, spectrum, decomposition)"
+    return line
+
+
+def _runs_of(infos, adapter: str | None, need: str):
+    """The runs of one adapter with what ``need`` names: ``adapter``, else LoRA when present, else the only one."""
     if adapter is not None:
         spec = adapter_spec(adapter)
         if spec is None:
             raise UsageError(f"--adapter {adapter!r} is not a known adapter; choose one of {', '.join(ADAPTERS)}")
-        if not spec.has_factors:
-            raise UsageError(_no_delta_line([adapter], "factors"))
-    runs = [i for i in infos if (s := adapter_spec(i.adapter)) is not None and s.has_factors]
+        if not _has(spec, need):
+            raise UsageError(refusal([adapter], need))
+    runs = [i for i in infos if _has(adapter_spec(i.adapter), need)]
     if not runs:
-        raise UsageError(_no_delta_line(sorted({i.adapter for i in infos}), "factors"))
+        raise UsageError(refusal(sorted({i.adapter for i in infos}), need))
     names = sorted({i.adapter.lower() for i in runs})
     want = adapter.lower() if adapter else ("lora" if "lora" in names else names[0] if len(names) == 1 else None)
     if want is None:
@@ -86,6 +96,30 @@ def factor_runs(infos, adapter: str | None = None):
     if not picked:
         raise UsageError(f"--adapter {adapter} has no runs; adapters present: {names}")
     return picked
+
+
+def factor_runs(infos, adapter: str | None = None):
+    """The runs of one low-rank adapter (registry ``has_factors``)."""
+    return _runs_of(infos, adapter, "factors")
+
+
+def delta_runs(infos, adapter: str | None = None):
+    """The runs of one adapter with a weight update ΔW (registry ``has_delta``)."""
+    return _runs_of(infos, adapter, "delta")
+
+
+def with_delta(infos):
+    """Every run whose adapter has a weight update ΔW (registry ``has_delta``); a one-line refusal when none has."""
+    runs = [i for i in infos if _has(adapter_spec(i.adapter), "delta")]
+    if not runs:
+        raise UsageError(refusal(sorted({i.adapter for i in infos}), "delta"))
+    return runs
+
+
+def updated(deltas: dict) -> dict:
+    """The modules whose ΔW is not identically zero: a block-wise method (top, gradual) leaves the blocks it
+    never trained at W0, and the weight analyses describe the update, so those are left out."""
+    return {m: d for m, d in deltas.items() if bool(d.any())}
 
 
 def directions_by_layer(info, factor: str = "A"):

@@ -156,12 +156,60 @@ def test_plan_resolves_auto_per_device_and_keeps_the_off_switches():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
     assert accel.plan(_Trainer(), cpu, None) == accel.FastPath("off", False, 0)
     assert accel.plan(_Trainer(), cuda, None, parameters=10**9) == accel.FastPath("inductor+cudagraphs", True, 1)
-    assert accel.plan(_Trainer(), cuda, None, parameters=22_713_986).compile == "cudagraphs"  # small: no codegen
+    small = accel.plan(_Trainer(), cuda, None, parameters=22_713_986)  # launch-bound: one graph per step shape
+    assert small == accel.FastPath("whole-graph", True, 4)  # 64 tokens: widths 16, 32, 48, 64
+    assert accel.plan(_Trainer(), cuda, None, parameters=22_713_986,
+                      graph_blocker="DDP").compile == "cudagraphs"  # the blocks alone
+    assert accel.plan(_Trainer(compile="whole-graph"), cuda, None, graph_blocker="DDP").compile == "cudagraphs"
+    assert accel.plan(_Trainer(compile="whole-graph"), cpu, None).compile == "off"
+    assert accel.plan(_Trainer(max_seq_len=1024), cuda, None).buckets == 8
     assert accel.plan(_Trainer(max_seq_len=512), cuda, None, parameters=10**9).buckets == 3
     assert accel.plan(_Trainer(), cuda, "the task is not a causal LM").fused_loss is False
     assert accel.plan(_Trainer(compile="off", fused_loss="off"), cuda, None) == accel.FastPath("off", False, 0)
     assert accel.plan(_Trainer(compile="cudagraphs"), cpu, None).compile == "inductor"  # no CUDA graphs on a CPU
     assert accel.plan(_Trainer(fused_loss="on", length_buckets=4), cpu, None) == accel.FastPath("off", True, 4)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_causal_lm_loss_needs_no_padding_mask(fused):
+    """The training loss of a right-padded causal-LM batch (no attention mask) against each sequence's loss
+    computed alone, unpadded, in float64: token-weighted mean of the shifted next-token NLL."""
+    from lowrank.runner.data import collate
+    from lowrank.runner.loss import batch_loss
+
+    model = tiny_llama().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 97, (n,), generator=gen).tolist() for n in (5, 12, 9)]
+    batch = collate({"input_ids": seqs, "labels": seqs}, 0, "generation")
+    assert (batch["attention_mask"] == 0).any()  # padded
+    got = batch_loss(model, model, batch, "generation", fused=fused)
+    nll, tokens = 0.0, 0
+    for s in seqs:
+        ids = torch.tensor([s])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
+        tokens += len(s) - 1
+    assert got.item() == pytest.approx(nll / tokens, rel=1e-6)  # the loss is taken in float32
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_causal_lm_loss_is_the_mean_over_target_tokens_and_zero_without_any(label_smoothing):
+    from lowrank.runner.data import IGNORE
+    from lowrank.runner.loss import loss_fn
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6), generator=gen)
+    labels[0, 4:] = IGNORE
+    scored = labels[:, 1:] != IGNORE
+    logp = torch.log_softmax(logits[:, :-1].detach(), -1)[scored]
+    target = labels[:, 1:][scored]
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    expected = ((1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)).mean()
+    assert loss_fn(logits, labels, "generation", label_smoothing).item() == pytest.approx(expected.item(), rel=1e-6)
+    none = loss_fn(logits, torch.full_like(labels, IGNORE), "generation", label_smoothing)
+    none.backward()
+    assert none.item() == 0.0 and torch.isfinite(logits.grad).all()  # every target truncated: 0, not NaN
 
 
 def test_bucket_widths():

@@ -228,7 +228,7 @@ def test_errors_are_one_line(sweep, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--ranks [32]" in err and "[4, 16]" in err
     assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--layer", "9"]) == 2
     assert "pick --layer" in capsys.readouterr().err
-    # adapters without low-rank factors / ΔW (registry: has_factors, trains) are refused with one line
+    # adapters without low-rank factors / ΔW (registry: has_factors, has_delta) are refused with one line
     assert main(["subspace", str(sweep), "--out", str(tmp_path), "--wandb", "off", "--adapter", "ia3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ia3 ((IA)³) has no low-rank factors" in err and "lora" in err

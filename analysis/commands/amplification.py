@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from analysis import figures
 from analysis.commands import Produced
-from analysis.selection import UsageError, adapter_spec, factor_runs, load, middle, one_run_per_rank, out_dir, progress
+from analysis.selection import (UsageError, adapter_spec, delta_runs, load, middle, one_run_per_rank, out_dir, progress,
+                                updated)
 from analysis.summaries import AmplificationSummary
 
 COLUMNS = ("delta", "own", "random", "random_expected", "norm_W", "norm_delta", "factor")
@@ -12,7 +13,8 @@ COLUMNS = ("delta", "own", "random", "random_expected", "norm_W", "norm_delta", 
 
 def _study(base, updates, chosen, args):
     """ΔW = scaling · B A (the registry says the method's update is exactly that): the factored path over all
-    ranks; otherwise (DoRA: ΔW is not scaling·BA) the formed update, projected on its own top-r per rank."""
+    ranks; otherwise the formed ΔW (DoRA, whose ΔW is not scaling·BA; (IA)³, full, top, gradual, read as W − W0),
+    projected on its own top-r per r."""
     import pandas as pd
 
     from analysis.amplification import amplification_study
@@ -24,19 +26,39 @@ def _study(base, updates, chosen, args):
                      ignore_index=True)
 
 
+def _chosen(args, runs):
+    """(ranks, seed, {r: run}). A low-rank method: one run per rank, r its rank. A method without a rank
+    ((IA)³, full, top, gradual): one run, and r (the number of ΔW's top singular directions) from --ranks."""
+    spec = adapter_spec(runs[0].adapter)
+    if spec.uses_rank:
+        return one_run_per_rank(args, runs)
+    if not args.ranks:
+        raise UsageError(f"adapter {spec.name} ({spec.label}) has no rank: pass --ranks, the r of ΔW's top-r "
+                         f"directions (LoRA Table 7 uses 4 64)")
+    from analysis.inputs import select
+
+    seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+    run = select(runs, seed=seed)[0]
+    return list(args.ranks), seed, {r: run for r in args.ranks}
+
+
 def amplification(args) -> Produced:
     from analysis.names import parse_module_name
     from analysis.tables import PAPER_TABLE7, per_layer, table7, write_table
 
     infos = load(args)
-    ranks, seed, chosen = one_run_per_rank(args, factor_runs(infos, args.adapter))
+    ranks, seed, chosen = _chosen(args, delta_runs(infos, args.adapter))
     models = {i.model for i in chosen.values()}
     if len(models) > 1:
         raise UsageError(f"runs use different base models {sorted(map(str, models))}; analyse one model at a time")
     first = next(iter(chosen.values()))
     base = first.run.base_weights()
-    updates = {r: (info.run.factors() if adapter_spec(info.adapter).delta_from_factors else info.run.deltas())
-               for r, info in chosen.items()}
+    read = {}  # one read per run: a method without a rank gives every r the same ΔW
+    for info in chosen.values():
+        if info.dir not in read:
+            read[info.dir] = info.run.factors() if adapter_spec(info.adapter).delta_from_factors else \
+                updated(info.run.deltas())
+    updates = {r: read[info.dir] for r, info in chosen.items()}
     kinds = set(args.matrices)
     modules = sorted({m for upd in updates.values() for m in upd if parse_module_name(m)[1] in kinds and m in base})
     if not modules:

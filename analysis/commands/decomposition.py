@@ -6,22 +6,16 @@ import sys
 
 from analysis import figures
 from analysis.commands import Produced
-from analysis.selection import UsageError, adapter_spec, has_delta, label, load, out_dir
+from analysis.selection import UsageError, adapter_spec, label, load, out_dir, updated, with_delta
 from analysis.summaries import DecompositionSummary
 
 
 def choose_runs(infos, args) -> list[tuple[str, object]]:
     """One run per method with a weight update, as in the paper: the chosen (or lowest) seed; the low-rank
-    methods at DoRA's rank (or --rank). Methods are keyed by the registry's label (FT, LoRA, DoRA)."""
+    methods at DoRA's rank (or --rank). Methods are keyed by the registry's label (FT, LoRA, DoRA, (IA)³)."""
     by_method: dict[str, list] = {}
-    for info in infos:
-        spec = adapter_spec(info.adapter)
-        if has_delta(spec):
-            by_method.setdefault(spec.label, []).append(info)
-    if not by_method:
-        from analysis.selection import _no_delta_line
-
-        raise UsageError(_no_delta_line(sorted({i.adapter for i in infos}), "weight"))
+    for info in with_delta(infos):
+        by_method.setdefault(adapter_spec(info.adapter).label, []).append(info)
     dora_rank = min((i.rank for i in by_method.get(label("dora"), []) if i.rank), default=None)
     chosen = []
     for method, runs in by_method.items():
@@ -36,24 +30,34 @@ def choose_runs(infos, args) -> list[tuple[str, object]]:
 
 
 def points(chosen, args):
-    """ΔM, ΔD per (method, step, layer) of the chosen runs (step 0 dropped unless asked for)."""
+    """ΔM, ΔD per (method, step, layer) of the chosen runs (step 0 dropped unless asked for). The saved weights
+    are the effective W0 + ΔW of each target module ((IA)³: diag(l)·W0); modules a run never moves from W0
+    (the frozen blocks of top, gradual) are left out: their ΔM = ΔD = 0 says nothing about the update."""
     import pandas as pd
 
     from analysis.decomposition import trajectory
 
     frames = []
     for method, info in chosen:
-        traj = {s: w for s, w in info.run.weight_trajectory().items() if s != 0 or args.include_step0}
-        if len(traj) < 2:
-            print(f"{info.dir.name}: {len(traj)} saved step(s), skipped; train with trainer.save_weights_at=[...]",
+        saved = info.run.weight_trajectory()
+        steps = [s for s in saved if s != 0 or args.include_step0]
+        if len(steps) < 2:
+            print(f"{info.dir.name}: {len(steps)} saved step(s), skipped; train with trainer.save_weights_at=[...]",
                   file=sys.stderr)
             continue
-        df = trajectory(info.run.base_weights(), traj, kinds=[args.matrix], method=method)
+        base = info.run.base_weights()
+        moved = {m for w in saved.values() for m in updated({m: x - base[m] for m, x in w.items() if m in base})}
+        traj = {s: {m: x for m, x in saved[s].items() if m in moved or m not in base} for s in steps}
+        df = trajectory(base, traj, kinds=[args.matrix], method=method)
+        if df.empty:
+            print(f"{info.dir.name} ({method}): no updated W{args.matrix}, skipped; pass --matrix from those it "
+                  f"adapts", file=sys.stderr)
+            continue
         df["run"] = str(info.dir)
         frames.append(df)
     if not frames:
-        raise UsageError("no FT/LoRA/DoRA runs with >= 2 saved weight steps; run adapter=full,lora,dora with "
-                         "trainer.save_weights_at=[...]")
+        raise UsageError(f"no run with a weight update has >= 2 saved weight steps of W{args.matrix}; run e.g. "
+                         f"adapter=full,lora,dora with trainer.save_weights_at=[...]")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -85,7 +89,9 @@ def decomposition(args) -> Produced:
     corr = correlations(df, y=y, bootstrap=args.bootstrap, seed=args.random_seed)
     out = out_dir(args, infos, output_name(args.matrix))
     stem = f"dora_fig2_{args.matrix}" + ("_relative" if args.relative_m else "")
-    files = figures.save(figures.dora_figure2(df, kind=args.matrix, y=y), out / stem)
+    paper = ("FT", "LoRA", "DoRA")  # the paper's panels first, then any other method with ΔW
+    methods = [*paper, *(m for m in dict.fromkeys(df["method"]) if m not in paper)]
+    files = figures.save(figures.dora_figure2(df, methods=methods, kind=args.matrix, y=y), out / stem)
     df.to_csv(out / f"{stem}_points.csv", index=False)
     files.append(out / f"{stem}_points.csv")
     what = "relative ΔM (|Δ‖W_n‖| / ‖W0_n‖, not the paper's eq. 3)" if args.relative_m else "ΔM"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from analysis.commands import Produced
-from analysis.selection import UsageError, adapter_spec, has_delta, load, out_dir
+from analysis.selection import UsageError, adapter_spec, load, out_dir, updated, with_delta
 from analysis.summaries import SpectrumSummary
 
 
@@ -40,19 +42,21 @@ def spectrum(args) -> Produced:
     from analysis.spectrum import effective_rank, energy_top, singular_values, spectrum_figure, stable_rank
 
     infos = load(args)
-    runs = [i for i in infos if has_delta(adapter_spec(i.adapter))]
+    runs = with_delta(infos)
     if args.seed is not None:
         runs = [i for i in runs if i.seed == args.seed]
-    if not runs:
-        from analysis.selection import _no_delta_line
-
-        raise UsageError(_no_delta_line(sorted({i.adapter for i in infos}), "weight"))
+        if not runs:
+            raise UsageError(f"no run with a weight update at --seed {args.seed}; seeds present: "
+                             f"{sorted({i.seed for i in with_delta(infos)}, key=str)}")
     rows, spectra, dirs = [], {}, {}
     labels = [run_label(i) for i in runs]
     for info, label in zip(runs, labels):
         if labels.count(label) > 1:  # e.g. two FT runs at different lr: tell them apart by their folder
             label = f"{label} ({info.dir.name})"
-        deltas = {m: d for m, d in final_deltas(info).items() if parse_module_name(m)[1] in args.matrices}
+        deltas = {m: d for m, d in updated(final_deltas(info)).items() if parse_module_name(m)[1] in args.matrices}
+        if not deltas:
+            print(f"{info.dir.name} ({label}): no updated {'/'.join(args.matrices)} matrix, skipped", file=sys.stderr)
+            continue
         for module, d in sorted(deltas.items()):
             s = singular_values(d)
             spectra.setdefault(label, []).append(s)
@@ -61,6 +65,8 @@ def spectrum(args) -> Produced:
                          "effective_rank": effective_rank(s), "stable_rank": stable_rank(s),
                          **{f"energy_top{r}": energy_top(s, r) for r in args.top}})
         dirs[label] = str(info.dir)
+    if not rows:
+        raise UsageError(f"no run updates a {'/'.join(args.matrices)} matrix; pass --matrices from those the runs adapt")
     df = pd.DataFrame(rows)
     out = out_dir(args, infos, "spectrum")
     files = figures.save(spectrum_figure(spectra, ranks=args.top, matrix=", ".join(args.matrices)), out / "spectrum")

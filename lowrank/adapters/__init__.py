@@ -9,16 +9,21 @@ An entry (``AdapterSpec``) says what the method is and how to handle it everywhe
 - ``options`` are the keyword options ``lowrank.adapt`` accepts for it, ``default_targets`` its targets;
 - ``inject(model, targets, layers, rank, options)`` acts at the model level (after any wrapping): it adds
   a module or tokens (prefixes, soft prompts; ``lowrank.adapters.injected``) or chooses what trains
-  (top blocks, a norm-training switch); ``has_delta`` is False for methods with no ΔW of a weight matrix
-  (the weight analyses refuse them).
+  (top blocks, a norm-training switch);
+- ``has_delta``: training changes the weight matrices of the target modules, so ΔW = W − W0 exists and
+  is in general non-zero: the low-rank updates, (IA)³ (W' = diag(l)·W, ΔW = (diag(l) − I)·W, arXiv
+  2205.05638 §3.3), full fine-tuning and the block-wise methods (top, gradual: the blocks' own weights
+  train). It is False where those matrices stay W0: BitFit (biases), head (the task head), bottleneck
+  adapters (new modules), prefixes and prompts (new tokens). The weight analyses read ΔW of exactly the
+  methods where it is True.
 
-Adding a method: a module here with its layer and ``build``, an entry below, ``conf/adapter/<name>.yaml``
+Adding a method: a module here with its layer and ``build``, an entry below (stating ``has_delta``), ``conf/adapter/<name>.yaml``
 naming its source, and a float64 reference test.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from lowrank.adapters import bottleneck, dora, flora, ia3, layers, lora, prefix, prompt
@@ -42,7 +47,7 @@ class AdapterSpec:
     read_factors: Callable[[str, dict, float], dict] | None = None
     delta_from_factors: bool = False
     inject: Callable[..., object] | None = None
-    has_delta: bool = True
+    has_delta: bool = field(kw_only=True)   # every entry states it (see above)
 
     @property
     def wraps(self) -> bool:
@@ -57,19 +62,21 @@ class AdapterSpec:
 ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
     AdapterSpec("lora", "LoRA", "LoRA, Hu et al. 2021 (arXiv 2106.09685): W0 + (α/r) B A", uses_rank=True,
                 options=("dropout", "rslora"), build=lora.build, read_factors=lora.read_factors,
-                delta_from_factors=True),
+                delta_from_factors=True, has_delta=True),
     AdapterSpec("dora", "DoRA", "DoRA, Liu et al. 2024 (arXiv 2402.09353): m (W0 + ΔW) / ‖W0 + ΔW‖_c",
                 uses_rank=True, options=("dropout", "rslora", "dora_norm", "dora_fast"), build=dora.build,
-                read_factors=lora.read_factors),
+                read_factors=lora.read_factors, has_delta=True),
     AdapterSpec("flora", "FLoRA", "FLoRA, Si et al. 2024 (arXiv 2405.14739): Tucker core, s · G ×1 A_in ×2 A_out "
                 "(×3 ×4 for convs)", uses_rank=True, options=("dropout", "scale", "ranks"), build=flora.build,
-                read_factors=flora.read_factors, delta_from_factors=True),
+                read_factors=flora.read_factors, delta_from_factors=True, has_delta=True),
     AdapterSpec("ia3", "(IA)³", "(IA)³, Liu et al. 2022 (arXiv 2205.05638): learned rescaling of k, v and the "
-                "FFN activation", options=("feedforward",), default_targets=("k", "v", "down"), build=ia3.build),
+                "FFN activation", options=("feedforward",), default_targets=("k", "v", "down"), build=ia3.build,
+                has_delta=True),
     AdapterSpec("bitfit", "BitFit", "BitFit, Ben Zaken et al. 2022 (arXiv 2106.10199): train the biases only",
-                trains=lambda name: name.endswith("bias")),
-    AdapterSpec("head", "Head", "frozen backbone, train the task head only", trains=lambda name: False),
-    AdapterSpec("full", "FT", "full fine-tuning of every weight", trains=lambda name: True),
+                trains=lambda name: name.endswith("bias"), has_delta=False),
+    AdapterSpec("head", "Head", "frozen backbone, train the task head only", trains=lambda name: False,
+                has_delta=False),
+    AdapterSpec("full", "FT", "full fine-tuning of every weight", trains=lambda name: True, has_delta=True),
     AdapterSpec("houlsby", "AdapterH", "Houlsby et al. 2019 (arXiv 1902.00751): h + W_up f(W_down h) after the "
                 "attention output and the FFN, LayerNorms trained", uses_rank=True,
                 options=("nonlinearity", "init_std", "train_norms"), default_targets=("o", "down"),
@@ -91,10 +98,10 @@ ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
                 "LSTM/MLP prompt encoder", options=("length", "init", "init_ids", "encoder", "hidden"),
                 inject=prompt.inject_ptuning, has_delta=False),
     AdapterSpec("top", "FT^Top2", "fine-tune the top k blocks and the head (LoRA paper Table 2, k=2)",
-                options=("k",), trains=lambda name: False, inject=layers.inject_top),
+                options=("k",), trains=lambda name: False, inject=layers.inject_top, has_delta=True),
     AdapterSpec("gradual", "Gradual", "gradual unfreezing, Howard & Ruder 2018 (arXiv 1801.06146): one more "
                 "block from the top every N steps", options=("every", "k"), trains=lambda name: False,
-                inject=layers.inject_gradual),
+                inject=layers.inject_gradual, has_delta=True),
 )}
 
 

@@ -120,7 +120,7 @@ def eager(model: nn.Module):
 @dataclass(frozen=True)
 class FastPath:
     """What the trainer does for speed, resolved from the config for one device (``plan``)."""
-    compile: str = "off"       # off | inductor | inductor+cudagraphs | cudagraphs (see plan)
+    compile: str = "off"       # off | inductor | inductor+cudagraphs | cudagraphs | whole-graph (see plan)
     fused_loss: bool = False   # causal LMs: LM head + cross-entropy fused and chunked
     buckets: int = 0           # pad batches to one of this many fixed widths (0: to the longest sequence)
 
@@ -128,30 +128,42 @@ class FastPath:
         return f"compile={self.compile} fused_loss={self.fused_loss} length_buckets={self.buckets}"
 
 
-#: Below this many parameters a model is launch-bound on a GPU: CUDA graphs of the eager kernels save most
-#: of the step, and inductor's code generation costs more start-up than it saves in a run of a few hundred
-#: steps (MiniLM, 22.7M, 250 steps on an H200: inductor+cudagraphs 7.6 ms/step but 33 s per process,
-#: cudagraphs 9.5 ms/step and 23 s, eager 45 ms/step and 34 s).
+#: Below this many parameters a model is launch-bound on a GPU: replaying the step's eager kernels as a CUDA
+#: graph saves most of it, and inductor's code generation costs more start-up than it saves in a run of a few
+#: hundred steps (MiniLM, 22.7M, 250 steps on an H200, per process: inductor+cudagraphs 7.6 ms/step and 33 s,
+#: the blocks as CUDA graphs 9.5 ms/step and 23 s, eager 45 ms/step and 34 s; benchmarks/README.md).
 SMALL_MODEL = 100_000_000
 
 
-def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 0) -> FastPath:
+def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 0,
+         graph_blocker: str | None = None) -> FastPath:
     """Resolve ``trainer.compile``/``fused_loss``/``length_buckets`` for ``device``.
 
     ``compile``: ``inductor`` (regional ``torch.compile`` of the blocks), ``inductor+cudagraphs`` (the same,
     replayed as CUDA graphs: ``mode="reduce-overhead"``), ``cudagraphs`` (the blocks captured as CUDA graphs
-    through ``torch.compile(backend="cudagraphs")``, no code generation: seconds to compile), ``off``.
-    ``auto``: on CUDA, ``cudagraphs`` for models under ``SMALL_MODEL`` ``parameters`` and ``inductor+cudagraphs``
-    for larger ones; ``off`` on the CPU (compiling costs more than it saves in the CPU's short runs). ``fused_loss`` ``auto``: on for causal LMs on CUDA. ``length_buckets`` ``null``:
-    with CUDA graphs, 1 (every batch padded to ``max_seq_len``: one graph) up to 128 tokens, else 3;
-    without, 0. ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
+    through ``torch.compile(backend="cudagraphs")``, no code generation), ``whole-graph`` (the whole forward
+    and backward of a micro-batch captured as one CUDA graph per batch shape, ``lowrank.runner.graphs``: no
+    tracing, no code generation, milliseconds to capture), ``off``. ``auto``: on CUDA, ``whole-graph`` for
+    models under ``SMALL_MODEL`` ``parameters`` (``cudagraphs`` where ``graph_blocker`` says why the whole
+    step cannot be one graph) and ``inductor+cudagraphs`` for larger ones; ``off`` on the CPU (compiling
+    costs more than it saves in the CPU's short runs). ``fused_loss`` ``auto``: on for causal LMs on CUDA.
+    ``length_buckets`` ``null``: ``whole-graph`` one graph per 16 tokens of ``max_seq_len`` (at most 8: a
+    capture is cheap, padding is not); other CUDA-graph modes 1 (every batch padded to ``max_seq_len``) up
+    to 128 tokens, else 3 (each bucket is a compilation); without graphs 0 (pad to the longest sequence).
+    ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
     """
     cuda = device.type == "cuda"
-    large = "inductor+cudagraphs" if parameters >= SMALL_MODEL else "cudagraphs"
-    mode = cfg.compile if cfg.compile != "auto" else (large if cuda else "off")
-    if "cudagraphs" in mode and not cuda:
-        log.warning("trainer.compile=%s needs CUDA; compiling the blocks with inductor, without CUDA graphs", mode)
-        mode = "inductor"
+    small = "whole-graph" if graph_blocker is None else "cudagraphs"
+    mode = cfg.compile if cfg.compile != "auto" else (
+        ("inductor+cudagraphs" if parameters >= SMALL_MODEL else small) if cuda else "off")
+    if mode == "whole-graph" and graph_blocker is not None:
+        log.warning("trainer.compile=whole-graph does not apply: %s; capturing the blocks instead (cudagraphs)",
+                    graph_blocker)
+        mode = "cudagraphs"
+    if "graph" in mode and not cuda:
+        fallback = "inductor" if mode != "whole-graph" else "off"
+        log.warning("trainer.compile=%s needs CUDA; using %s", mode, fallback)
+        mode = fallback
     fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and cuda)
     if fused and fuse_blocker is not None:
         if cfg.fused_loss == "on" and fuse_blocker != "the task is not a causal LM":
@@ -159,19 +171,23 @@ def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 
         fused = False
     buckets = cfg.length_buckets
     if buckets is None:
-        buckets = 0 if "cudagraphs" not in mode else 1 if cfg.max_seq_len <= 128 else 3
+        if mode == "whole-graph":
+            buckets = min(8, max(1, cfg.max_seq_len // 16))
+        else:
+            buckets = 0 if "cudagraphs" not in mode else 1 if cfg.max_seq_len <= 128 else 3
     return FastPath(compile=mode, fused_loss=fused, buckets=int(buckets))
 
 
 def prepare(model: nn.Module, path: FastPath) -> nn.Module:
     """Make the trainable tensors float32 masters (adapters, head: the frozen base may be bf16) and
-    compile the blocks as ``path`` says; returns ``model``."""
+    compile the blocks as ``path`` says (``whole-graph`` is captured by the loop: ``lowrank.runner.graphs``);
+    returns ``model``."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if path.compile == "cudagraphs":
         compile(model, backend="cudagraphs", dynamic=None)
-    elif path.compile != "off":
+    elif path.compile in ("inductor", "inductor+cudagraphs"):
         compile(model, mode="reduce-overhead" if path.compile == "inductor+cudagraphs" else None, dynamic=None)
     return model
 

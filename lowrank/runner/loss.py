@@ -24,18 +24,23 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (``auto``) or where asked (``bf16``); float32 otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast on CUDA (``auto``) or where asked (``bf16``); float32 otherwise. ``cache=False``: no
+    cache of casted weights (inside a CUDA graph capture, where the cache would hold graph memory)."""
+    if not uses_bf16(device, precision):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy: per sequence for classification, per target token (shifted) for generation."""
+    """Cross-entropy: per sequence for classification, per target token (shifted) for generation — the mean
+    over the target tokens, 0 for a batch without any (every target truncated away), not 0/0."""
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE, label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=IGNORE, label_smoothing=label_smoothing, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp_min(1)
 
 
 def can_fuse(model: nn.Module, kind: str, label_smoothing: float, distributed: bool) -> str | None:
@@ -58,11 +63,16 @@ def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fuse
 
     ``net`` runs the forward (the DDP wrapper when distributed), ``model`` is the model itself (the
     fused path calls its decoder and LM head directly).
+
+    A causal LM gets no attention mask: ``collate`` pads on the right and the padded positions carry no
+    label, and under causal attention a token never attends to the positions after it, so every scored
+    position's output is the masked forward's (positions count from 0 either way). Without a mask, SDPA
+    runs its causal flash kernel instead of the masked one.
     """
+    mask = batch["attention_mask"] if kind == "classification" else None
     if fused:
         from lowrank.runner.accel import causal_lm_loss
 
-        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
-                              ignore_index=IGNORE)
-    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=mask, ignore_index=IGNORE)
+    logits = net(input_ids=batch["input_ids"], attention_mask=mask).logits
     return loss_fn(logits, batch["labels"], kind, label_smoothing)

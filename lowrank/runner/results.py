@@ -120,8 +120,8 @@ class Run:
         config = self.adapter_config
         method = spec(config["adapter"])
         if not method.has_delta:
-            raise ValueError(f"adapter {config['adapter']!r} ({method.label}) adds modules or tokens, not a weight "
-                             f"update ΔW; weight analyses need runs of a method with ΔW (lora, dora, flora, full, ...)")
+            raise ValueError(f"adapter {config['adapter']!r} ({method.label}) leaves the target weights unchanged "
+                             f"(ΔW = 0); weight analyses need runs of a method with ΔW (lora, dora, flora, ia3, full, ...)")
         if method.delta_from_factors:
             f = self.factors()
             if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each

@@ -5,10 +5,11 @@ accumulation, bf16 autocast on CUDA, evaluation every ``eval_every`` steps (and 
 and final metrics, a tqdm bar when attached to a terminal.
 
 Speed. On CUDA the loop takes the fast path of ``lowrank.runner.accel`` (``trainer.compile``,
-``trainer.fused_loss``, ``trainer.length_buckets``; see ``accel.plan``): the blocks compiled with CUDA graphs,
-batches padded to a few fixed widths, the fused causal-LM loss. The loop never waits for the GPU inside a
-step: each step's loss stays on the device, and the losses since the last read are read at once when the
-loop logs, evaluates or checkpoints (one host sync per logged step).
+``trainer.fused_loss``, ``trainer.length_buckets``; see ``accel.plan``): a small model's whole forward and
+backward replayed as one CUDA graph per batch shape (``lowrank.runner.graphs``), a large model's blocks
+compiled with CUDA graphs, batches padded to a few fixed widths, the fused causal-LM loss. The loop never
+waits for the GPU inside a step: each step's loss stays on the device, and the losses since the last read
+are read at once when the loop logs, evaluates or checkpoints (one host sync per logged step).
 
 Determinism and resume. Every random draw comes from a seeded source: the model's new head and the adapter
 initialisation from torch's global RNG (seeded by ``seed_everything`` before the model is built), dropout
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from lowrank.atomic import write_text
-from lowrank.runner import accel, distributed
+from lowrank.runner import accel, distributed, graphs
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
@@ -259,8 +260,10 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     """
     device = world.device(cfg.device, job_num)
     model.to(device)
+    schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
     fast = accel.plan(cfg, device, can_fuse(model, data.kind, cfg.label_smoothing, world.active),
-                      parameters=sum(p.numel() for p in model.parameters()))
+                      parameters=sum(p.numel() for p in model.parameters()),
+                      graph_blocker=_graph_blocker(world, schedule))
     accel.prepare(model, fast)
     log.info("fast path on %s: %s", device, fast.describe())
     ckpt_dir = out_dir / CHECKPOINTS
@@ -303,7 +306,17 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     generations: list = []
     model.train()
     bar = _progress(cfg, total, state["step"])
-    schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
+    graphed = fast.compile == "whole-graph"
+
+    def micro_step(batch: dict) -> torch.Tensor:
+        """Forward and backward of one micro-batch; its loss (÷ grad_accum), detached."""
+        with autocast(device, cfg.precision, cache=not graphed):  # a CUDA graph must not outlive autocast's cache
+            loss = batch_loss(net, model, batch, data.kind, fused=fast.fused_loss,
+                              label_smoothing=cfg.label_smoothing) / cfg.grad_accum
+        loss.backward()
+        return loss.detach()
+
+    run_micro = graphs.GraphedStep(micro_step, params, device) if graphed else micro_step
     while state["step"] < total:
         step = state["step"] + 1
         if schedule is not None:  # a per-step choice of what trains
@@ -316,20 +329,16 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
             batch = collate({"input_ids": ids, "labels": [columns["labels"][i] for i in rows]}, data.pad_id,
                             data.kind, width=bucket_width(max(map(len, ids)), cfg.max_seq_len, fast.buckets),
                             device=device)
-            if "cudagraphs" in fast.compile:
+            if fast.compile in ("cudagraphs", "inductor+cudagraphs"):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are dead
             with world.no_sync(net, last_micro_batch=m + micro >= len(indices)):
-                with autocast(device, cfg.precision):
-                    loss = batch_loss(net, model, batch, data.kind, fused=fast.fused_loss,
-                                      label_smoothing=cfg.label_smoothing)
-                (loss / cfg.grad_accum).backward()
-            part = loss.detach().float() / cfg.grad_accum
+                part = run_micro(batch).float()
             step_loss = part if step_loss is None else step_loss + part
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the same .grad tensors every step
         state["step"] = step
         losses.add(step, step_loss)
         clock.step(device)
@@ -376,6 +385,15 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     return FitResult(steps=total, final=state["final"], best=state["best"], resumed_from=resumed_from,
                      wall_time_s=state["wall_time_s"], generations=generations, step_time_s=clock.median(),
                      first_step_at=clock.first_step_at, fast_path=fast.describe())
+
+
+def _graph_blocker(world: distributed.World, schedule) -> str | None:
+    """Why the whole training step cannot be one CUDA graph here (None when it can)."""
+    if world.active:
+        return "DDP synchronises gradients from autograd hooks"
+    if schedule is not None:
+        return "gradual unfreezing changes what trains during the run"
+    return None
 
 
 def _write_generations(out_dir: Path, step: int, generations: list[dict]) -> None:
