@@ -404,4 +404,10 @@ def test_bundle_writes_a_bf16_model_copy_and_the_install_line(tmp_path):
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, ref.to(torch.bfloat16)), key
     install = (tmp_path / "b" / "install.sh").read_text()
     assert "--no-index" in install and '"$D"/wheels/*.whl' in install
-    assert "HF_HUB_OFFLINE=1" in (tmp_path / "b" / "env.sh").read_text()
+    env_sh = tmp_path / "b" / "env.sh"
+    assert "HF_HUB_OFFLINE=1" in env_sh.read_text()
+    # a node whose image forbids bytecode files gets a writable bytecode cache instead
+    shown = subprocess.run(["bash", "-c", f". {env_sh} && echo ${{PYTHONDONTWRITEBYTECODE:-unset}} $PYTHONPYCACHEPREFIX"],
+                           env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["unset", str(tmp_path / ".cache" / "lowrank" / "pycache")]

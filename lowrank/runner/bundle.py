@@ -13,7 +13,8 @@ It writes, into ``BUNDLE``:
   MiniLM is 45 MB in bf16), loaded on the node with ``model.pretrained=$BUNDLE/models/<name>``;
 - ``data/`` (with ``--data``): a copy of a local data dir (``paths.data_dir``);
 - ``install.sh``: the one line on the node, ``sh BUNDLE/install.sh`` (pip, ``--no-index``), and
-  ``env.sh`` to source: the data dir, offline Hugging Face flags, ``LOWRANK_MODELS``.
+  ``env.sh`` to source: the data dir, offline Hugging Face flags, ``LOWRANK_MODELS``, a writable bytecode
+  cache (``PYTHONPYCACHEPREFIX``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ ENV = """# source this on the node: . {name}/env.sh  (then e.g. python run.py mo
 D="$(cd "$(dirname "${{BASH_SOURCE[0]:-$0}}")" && pwd)"
 export LOWRANK_MODELS="$D/models" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 [ -d "$D/data" ] && export LOWRANK_DATA_DIR="$D/data"
+# Python's bytecode cache in a writable folder: container images often set PYTHONDONTWRITEBYTECODE (or ship a
+# read-only site-packages without it), so every process compiles torch's and transformers' ~2000 modules
+# from source again (about 5 s of each run's start on an H200 node).
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX="${{PYTHONPYCACHEPREFIX:-${{XDG_CACHE_HOME:-$HOME/.cache}}/lowrank/pycache}}"
 """
 
 
