@@ -65,7 +65,7 @@ def test_prefix_run_saves_the_folded_prefix_and_records_costs(tiny_bert, tiny_da
     assert result["rss_at_start_mb"] > 0
     from lowrank.runner.results import load_run
 
-    with pytest.raises(ValueError, match="not a weight update"):
+    with pytest.raises(ValueError, match="leaves the target weights unchanged"):
         load_run(run).deltas()
 
 
