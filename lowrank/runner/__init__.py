@@ -15,7 +15,8 @@ It imports the library (``lowrank``), never the reverse, and is the only place t
     tracking.py     metrics.jsonl and W&B
     metrics.py      accuracy, Matthews correlation, corpus BLEU
     distributed.py  torchrun / DDP
-    accel.py        speed paths: regional compile, CUDA graphs, fused chunked loss
+    accel.py        speed paths: what each device gets (plan), regional compile, fused chunked loss
+    graphs.py       a small model's training micro-batch replayed as one CUDA graph per batch shape
     costs.py        the cost model: predicted memory by component and FLOPs per step
     bundle.py       an offline bundle (wheels, bf16 models, data) for GPU nodes without registry access
 
