@@ -128,6 +128,10 @@ class FastPath:
         return f"compile={self.compile} fused_loss={self.fused_loss} length_buckets={self.buckets}"
 
 
+#: What ``lowrank.runner.loss.can_fuse`` says of a classification task: no reason to warn, the fused loss never
+#: applies there
+NOT_CAUSAL_LM = "the task is not a causal LM"
+
 #: Below this many parameters a model is launch-bound on a GPU: replaying the step's eager kernels as a CUDA
 #: graph saves most of it, and inductor's code generation costs more start-up than it saves in a run of a few
 #: hundred steps (MiniLM, 22.7M, 250 steps on an H200, per process: inductor+cudagraphs 7.6 ms/step and 33 s,
@@ -153,20 +157,20 @@ def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 
     ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
     """
     cuda = device.type == "cuda"
-    small = "whole-graph" if graph_blocker is None else "cudagraphs"
     mode = cfg.compile if cfg.compile != "auto" else (
-        ("inductor+cudagraphs" if parameters >= SMALL_MODEL else small) if cuda else "off")
-    if mode == "whole-graph" and graph_blocker is not None:
-        log.warning("trainer.compile=whole-graph does not apply: %s; capturing the blocks instead (cudagraphs)",
-                    graph_blocker)
-        mode = "cudagraphs"
+        "off" if not cuda else "inductor+cudagraphs" if parameters >= SMALL_MODEL else "whole-graph")
     if "graph" in mode and not cuda:
         fallback = "inductor" if mode != "whole-graph" else "off"
         log.warning("trainer.compile=%s needs CUDA; using %s", mode, fallback)
         mode = fallback
+    if mode == "whole-graph" and graph_blocker is not None:
+        if cfg.compile == "whole-graph":
+            log.warning("trainer.compile=whole-graph does not apply: %s; capturing the blocks instead "
+                        "(cudagraphs)", graph_blocker)
+        mode = "cudagraphs"
     fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and cuda)
     if fused and fuse_blocker is not None:
-        if cfg.fused_loss == "on" and fuse_blocker != "the task is not a causal LM":
+        if cfg.fused_loss == "on" and fuse_blocker != NOT_CAUSAL_LM:
             log.warning("trainer.fused_loss=on does not apply: %s; using the model's loss", fuse_blocker)
         fused = False
     buckets = cfg.length_buckets

@@ -13,6 +13,7 @@ The command line around it (validating every job of a sweep first, exit codes) i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -130,15 +131,22 @@ def _predicted_costs(model, cfg, device, autocast: bool) -> dict | None:
         return None
 
 
-def _since_process_start(when: float | None) -> float | None:
-    """Seconds from this process's start (Linux: /proc) to ``when`` (a time.time()), else None."""
+@functools.lru_cache(maxsize=1)
+def _process_start() -> float | None:
+    """When this process started (a time.time(); Linux: /proc), else None."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime"))
-        return None if when is None else round(when - (boot + ticks / os.sysconf("SC_CLK_TCK")), 2)
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+def _since_process_start(when: float | None) -> float | None:
+    """Seconds from this process's start to ``when`` (a time.time()), else None."""
+    start = _process_start()
+    return None if when is None or start is None else round(when - start, 2)
 
 
 def quiet_libraries() -> None:
@@ -158,6 +166,7 @@ def run(cfg: DictConfig) -> dict:
     import lowrank
     from lowrank.runner import data as task_data
     from lowrank.runner import distributed, models, train
+    from lowrank.runner.checkpoints import latest_checkpoint, read_state
     from lowrank.runner.loss import uses_bf16
     from lowrank.runner.tracking import Tracker
 
@@ -179,9 +188,9 @@ def run(cfg: DictConfig) -> dict:
             log.warning("%s: completed earlier with another config (%s differ); skipped: delete the folder to "
                         "run it again", run_dir, changed or "?")
         return previous
-    ckpt = train.latest_checkpoint(run_dir / CHECKPOINTS)
+    ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
     if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = read_state(ckpt)
         if state.get("fingerprint") != fp:
             changed = ", ".join(config_diff(state.get("identity", {}), ident)[:5]) or "unknown keys"
             raise ConfigError(f"run dir {run_dir} holds a checkpoint of another config ({changed} differ), which "
@@ -198,7 +207,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     train.seed_everything(cfg.seed)
-    device = distributed.current().device(cfg.trainer.device, job["num"])
+    world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
+    device = world.device(cfg.trainer.device, job["num"])
     bf16 = uses_bf16(device, cfg.trainer.precision)
     dtype = models.weight_dtype(cfg.model.dtype, device, bf16)
     model, tokenizer = models.load(cfg.model, cfg.task, model_config, dtype=dtype)
@@ -211,7 +221,6 @@ def run(cfg: DictConfig) -> dict:
                           max_eval_samples=cfg.trainer.max_eval_samples)
     startup["data_loaded"] = _since_process_start(time.time())
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
     if not world.is_main:
         return _follow(model, data, cfg, run_dir, fp, ident, world)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,11 +241,11 @@ def run(cfg: DictConfig) -> dict:
                    if hasattr(layer, "scaling")}
         lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
+        first_step = _since_process_start(fit.first_step_at)
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
                       resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),
                       step_time_s=fit.step_time_s, fast_path=fit.fast_path,
-                      first_step_s=_since_process_start(fit.first_step_at),
-                      startup_s={**startup, "first_step": _since_process_start(fit.first_step_at)})
+                      first_step_s=first_step, startup_s={**startup, "first_step": first_step})
     except train.TrainingFailed as e:
         result.update(error=str(e), failed_step=e.step)
     except Exception as e:  # noqa: BLE001 - any other failure is recorded, and the sweep goes on

@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from lowrank.runner.config import CONF_DIR
+
 
 #: What `python run.py` needs beyond a PyTorch image with transformers, pyarrow, pandas and scipy
 #: (each with the dependencies those do not bring): datasets, Hydra + OmegaConf (+ antlr4's runtime),
@@ -42,7 +43,7 @@ def _pip(*args: str) -> subprocess.CompletedProcess:
 def pinned(packages: list[str]) -> list[str]:
     """``packages`` at the versions of ``constraints.txt`` (the ones the test suite ran against)."""
     pins = {}
-    for line in (REPO / "constraints.txt").read_text().splitlines():
+    for line in (CONF_DIR.parent / "constraints.txt").read_text().splitlines():
         name, sep, version = line.partition("==")
         if sep and not line.startswith("#"):
             pins[name.strip().lower()] = version.strip()
@@ -71,7 +72,7 @@ def copy_model(name: str, folder: Path) -> Path:
 
     from lowrank.runner import models
 
-    model_cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+    model_cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
     path, kwargs = models.source(model_cfg)
     config = AutoConfig.from_pretrained(path, **kwargs)
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))

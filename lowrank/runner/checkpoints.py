@@ -44,6 +44,9 @@ def save_weights(model: nn.Module, names: list[str], folder: Path, step: int) ->
     return save_tensors(folder / weights_file(step), target_weights(model, names), {"step": str(step)})
 
 
+STATE = "state.json"
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint folder (``step-N``), ignoring half-written ``.tmp`` ones."""
     done = [p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
@@ -64,11 +67,16 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> P
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                    tmp / "optimizer.pt")
         rng = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng}, indent=1))
+        (tmp / STATE).write_text(json.dumps({**state, "rng": rng}, indent=1))
     for old in folder.glob("step-*"):  # keep the newest only (and drop half-written ones)
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def read_state(path: Path) -> dict:
+    """The loop's state saved in checkpoint ``path`` (step, fingerprint, metrics so far, RNG)."""
+    return json.loads((path / STATE).read_text())
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.device) -> dict:
@@ -82,7 +90,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.devic
     torch.set_rng_state(blob["torch_rng"].cpu())
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in blob["cuda_rng"]])
-    state = json.loads((path / "state.json").read_text())
+    state = read_state(path)
     rng = state.pop("rng")
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))

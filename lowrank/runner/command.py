@@ -73,7 +73,8 @@ def jobs_of(argv: list[str]) -> list[list[str]]:
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         try:
-            base = compose("config", overrides=[a for a in args if not _is_sweep(a) and not a.startswith(_HYDRA)],
+            base = compose("config", overrides=[a for a, o in zip(args, parsed)
+                                                if not o.is_sweep_override() and not a.startswith(_HYDRA)],
                            return_hydra_config=True)
         except Exception as e:  # noqa: BLE001
             raise _composition_error(e) from None
@@ -85,12 +86,6 @@ def jobs_of(argv: list[str]) -> list[list[str]]:
 
 
 _HYDRA = ("hydra.", "hydra/", "+hydra", "++hydra", "~hydra")
-
-
-def _is_sweep(arg: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(arg).is_sweep_override()
 
 
 def composed(jobs: list[list[str]]):

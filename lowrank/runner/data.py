@@ -229,10 +229,10 @@ def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -
     """Where the tokenised data of this (task, local files, tokenizer, lengths) is cached; None when the
     cache is off or the files are not local."""
     cache = cache_dir("tokenised")
+    if cache is None or not _has_local_files(task, data_dir):
+        return None
     root = Path(str(data_dir)).expanduser()
     files = [root / rel for rel in local_files(task).values()]
-    if cache is None or not all(f.is_file() for f in files):
-        return None
     from omegaconf import OmegaConf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -33,8 +33,7 @@ def evaluate(model: nn.Module, data: TaskData, task, cfg, device: torch.device) 
     with accel.eager(model):
         for start in range(0, len(order), cfg.eval_batch_size):
             indices = order[start:start + cfg.eval_batch_size]
-            batch = collate({"input_ids": [ids[i] for i in indices], "labels": [labels[i] for i in indices]},
-                            data.pad_id, data.kind, device=device)
+            batch = collate(ev[indices], data.pad_id, data.kind, device=device)
             with autocast(device, cfg.precision):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum += loss_fn(logits, batch["labels"], data.kind) * len(indices)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank.runner.accel import NOT_CAUSAL_LM, causal_lm_loss
 from lowrank.runner.data import IGNORE
 
 
@@ -46,7 +47,7 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, kind: str, label_smoothi
 def can_fuse(model: nn.Module, kind: str, label_smoothing: float, distributed: bool) -> str | None:
     """Why the fused causal-LM loss cannot be used here (None when it can)."""
     if kind != "generation":
-        return "the task is not a causal LM"
+        return NOT_CAUSAL_LM
     if label_smoothing:
         return "trainer.label_smoothing > 0"
     if distributed:
@@ -71,8 +72,6 @@ def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fuse
     """
     mask = batch["attention_mask"] if kind == "classification" else None
     if fused:
-        from lowrank.runner.accel import causal_lm_loss
-
         return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=mask, ignore_index=IGNORE)
     logits = net(input_ids=batch["input_ids"], attention_mask=mask).logits
     return loss_fn(logits, batch["labels"], kind, label_smoothing)

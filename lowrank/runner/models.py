@@ -57,11 +57,11 @@ def _quiet() -> None:
 def source(model_cfg) -> tuple[str, dict]:
     """``(name_or_path, from_pretrained kwargs)`` for ``model_cfg`` (no network, no weights): the cached
     float copy of a GGUF model once it exists."""
-    copy = gguf_copy(model_cfg)
-    if copy is not None and copy.is_dir():
-        return str(copy), {"local_files_only": True, **({"trust_remote_code": True} if model_cfg.get("trust_remote_code")
-                                                        else {})}
-    return _original(model_cfg)
+    path, kwargs = _original(model_cfg)
+    copy = gguf_copy(model_cfg, path)
+    if copy is not None and copy.is_dir():  # a local file's copy: the same kwargs, without the GGUF file
+        return str(copy), {k: v for k, v in kwargs.items() if k != "gguf_file"}
+    return path, kwargs
 
 
 def _original(model_cfg) -> tuple[str, dict]:
@@ -81,13 +81,14 @@ def _original(model_cfg) -> tuple[str, dict]:
 GGUF_COPY_FORMAT = 1
 
 
-def gguf_copy(model_cfg) -> Path | None:
+def gguf_copy(model_cfg, path: str | None = None) -> Path | None:
     """Where the float copy of ``model_cfg``'s local GGUF file is cached (keyed by the file, its size and
-    time, and the transformers version that converts it); None for other models or with the cache off."""
+    time, and the transformers version that converts it); None for other models or with the cache off.
+    ``path``: the model's folder, when the caller has resolved it already."""
     root = cache_dir("gguf")
     if not model_cfg.get("gguf_file") or root is None:
         return None
-    path, _ = _original(model_cfg)
+    path = path if path is not None else _original(model_cfg)[0]
     gguf = Path(path) / str(model_cfg.gguf_file)
     if not gguf.is_file():  # a hub repository: transformers' own download cache applies
         return None

@@ -210,7 +210,7 @@ class _Losses:
         """The pending losses (one host sync); ``TrainingFailed`` at the first non-finite one."""
         if not self.pending:
             return []
-        values = torch.stack([loss for _, loss in self.pending]).float().cpu().tolist()
+        values = torch.stack([loss for _, loss in self.pending]).cpu().tolist()
         for (step, _), value in zip(self.pending, values):
             if not math.isfinite(value):
                 raise TrainingFailed(f"loss is {value} at step {step}", step)
@@ -299,8 +299,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
 
     started = time.time()
-    columns = {k: data.train[k] for k in ("input_ids", "labels")}  # plain lists: cheap to index per step
-    lengths = [len(x) for x in columns["input_ids"]] if cfg.group_by_length else None
+    lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
     batches = batch_order(len(data.train), cfg.batch_size, seed, start=state["step"], lengths=lengths)
     losses, clock = _Losses(), _StepClock()
     generations: list = []
@@ -324,11 +323,9 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         indices = world.shard(next(batches))
         step_loss = None
         for m in range(0, len(indices), micro):  # grad_accum micro-batches
-            rows = indices[m:m + micro]
-            ids = [columns["input_ids"][i] for i in rows]
-            batch = collate({"input_ids": ids, "labels": [columns["labels"][i] for i in rows]}, data.pad_id,
-                            data.kind, width=bucket_width(max(map(len, ids)), cfg.max_seq_len, fast.buckets),
-                            device=device)
+            rows = data.train[indices[m:m + micro]]
+            batch = collate(rows, data.pad_id, data.kind, device=device,
+                            width=bucket_width(max(map(len, rows["input_ids"])), cfg.max_seq_len, fast.buckets))
             if fast.compile in ("cudagraphs", "inductor+cudagraphs"):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are dead
             with world.no_sync(net, last_micro_batch=m + micro >= len(indices)):
