@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lowrank.runner.rundir import METRICS, read_result
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "cpu_default.json"
 BUDGET_S, TARGET_ACCURACY = 300.0, 0.80
@@ -39,8 +41,8 @@ def one_run(extra: list[str]) -> dict:
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             raise SystemExit(f"run.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        result = json.loads((run_dir / "result.json").read_text())
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        result = read_result(run_dir)
+        records = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
     evals = {r["step"]: round(r["eval/accuracy"], 4) for r in records if "eval/accuracy" in r}
     return {
         "wall_time_s": round(wall, 1),                       # process start to exit, what a user waits

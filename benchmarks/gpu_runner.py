@@ -27,6 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import step_variants
+from lowrank.runner.rundir import read_result, run_dirs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,7 +45,7 @@ def sh(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tuple[f
 
 def ours(run_dir: Path, overrides: list[str]) -> dict:
     wall, proc = sh([sys.executable, "run.py", "logger=none", f"hydra.run.dir={run_dir}", *overrides])
-    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else {}
+    result = read_result(run_dir) or {}
     return {"impl": "lowrank run.py", "returncode": proc.returncode, "process_s": round(wall, 2),
             "step_time_s": result.get("step_time_s"), "first_step_s": result.get("first_step_s"),
             "run_wall_s": result.get("wall_time_s"), "train_time_s": result.get("train_time_s"),
@@ -75,7 +78,7 @@ def sweep(tmp: Path, model: str, jobs: int, mode: str = "auto") -> dict:
     wall, proc = sh([sys.executable, "run.py", "-m", "adapter=lora,dora", "rank=4,8,64", "hydra/launcher=parallel",
                      "logger=none", f"model.pretrained={model}", f"trainer.compile={mode}",
                      f"hydra.sweep.dir={folder}"], env={"LOWRANK_JOBS": str(jobs)})
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*/result.json"))]
+    runs = [read_result(d) for d in run_dirs(folder, finished_only=True)]
     return {"command": f"LOWRANK_JOBS={jobs} python run.py -m adapter=lora,dora rank=4,8,64 "
                        f"hydra/launcher=parallel logger=none trainer.compile={mode}", "jobs_per_gpu": jobs, "wall_s": round(wall, 2),
             "returncode": proc.returncode, "completed": sum(r.get("status") == "completed" for r in runs),
@@ -83,9 +86,7 @@ def sweep(tmp: Path, model: str, jobs: int, mode: str = "auto") -> dict:
             "per_run_wall_s": {r["job"]: r.get("wall_time_s") for r in runs}}
 
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                tie_word_embeddings=False)
+LLAMA_1B = {**step_variants.LLAMA_1B, "max_position_embeddings": 4096}
 
 
 def llama_folder(folder: Path, tokenizer_from: str) -> Path:
@@ -163,6 +164,10 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-compile", nargs="+", default=["auto"], help="trainer.compile modes of the sweep case")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.model.startswith("pkg://"):
+        from lowrank.runner.config import package_dir
+
+        args.model = str(package_dir(args.model) or args.model)
     import torch
 
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -266,7 +266,7 @@ def run(args) -> dict:
                                                           preset["family"], rank, targets))
                 del probe_model
                 free(device)
-                ref = peft_bf16 = None
+                ref = peft_bf16 = peft_ref = None
                 if not args.no_check:
                     try:
                         ref = reference(base, ref_v, preset, rank, targets, weights, batch, device)
@@ -289,13 +289,10 @@ def run(args) -> dict:
                             first_call = time.perf_counter() - t0
                             row.agreement["vs_fp32"] = compare(got, ref)
                             if v.impl == "peft" and v.base == "plain":
-                                peft_bf16 = got
+                                peft_bf16, peft_ref = got, row.agreement["vs_fp32"]
                                 row.agreement["vs_peft"] = {"same": True}
                             elif peft_bf16 is not None:
                                 row.agreement["vs_peft"] = compare(got, peft_bf16)
-                            peft_ref = None
-                            if peft_bf16 is not None:
-                                peft_ref = compare(peft_bf16, ref)
                             row.agreement["ok"] = agreement_verdict(row.agreement["vs_fp32"], peft_ref, dtype)
                             del got
                         if args.interleave:
@@ -402,9 +399,6 @@ def profile(base, v, preset, rank, targets, weights, batch, device, args) -> Non
         torch._dynamo.reset()
     free(device)
 
-
-# ---------------------------------------------------------------------------------------------------
-# the criteria, evaluated on the rows
 
 # ---------------------------------------------------------------------------------------------------
 # printing

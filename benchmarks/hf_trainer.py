@@ -23,6 +23,7 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+#: our paper names -> PEFT target_modules (suffix match on module names)
 TARGETS = {"bert": {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"},
            "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}}
 

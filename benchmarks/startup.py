@@ -39,6 +39,8 @@ def _env(**extra) -> dict:
 
 
 def one_run(tree: Path, extra: list[str]) -> dict:
+    from lowrank.runner.rundir import read_result
+
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
         proc = subprocess.run([sys.executable, "run.py", *ONE_STEP, *extra, f"hydra.run.dir={tmp}/run"], cwd=tree,
@@ -46,7 +48,7 @@ def one_run(tree: Path, extra: list[str]) -> dict:
         wall = time.time() - started
         if proc.returncode != 0:
             raise SystemExit(f"{tree}: run.py failed\n{proc.stderr[-2000:]}")
-        result = json.loads((Path(tmp) / "run" / "result.json").read_text())
+        result = read_result(Path(tmp) / "run")
     return {"process_s": round(wall, 2), **result["startup_s"]}
 
 
@@ -61,12 +63,15 @@ def hf_run(model: str) -> dict:
 
 
 def one_sweep(tree: Path, jobs: int, extra: list[str]) -> dict:
+    from lowrank.runner.rundir import read_result, run_dirs
+
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
         proc = subprocess.run([sys.executable, "run.py", *SWEEP, *extra, f"hydra.sweep.dir={tmp}/sweep"], cwd=tree,
                               env=_env(LOWRANK_JOBS=jobs), capture_output=True, text=True)
         wall = time.time() - started
-        done = sum(json.loads(p.read_text())["status"] == "completed" for p in Path(tmp).glob("sweep/*/result.json"))
+        done = sum(read_result(d)["status"] == "completed"
+                   for d in run_dirs(Path(tmp) / "sweep", finished_only=True))
     return {"wall_s": round(wall, 2), "completed": done, "returncode": proc.returncode}
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import lowrank
+from benchmarks.hf_trainer import TARGETS as PEFT_TARGETS
 from lowrank.runner import accel
 
 # ---------------------------------------------------------------------------------------------------
@@ -54,11 +55,6 @@ PRESETS = {
                                   **NO_DROPOUT)),
 }
 
-#: our paper names -> PEFT target_modules (suffix match on module names)
-PEFT_TARGETS = {
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
-    "bert": {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"},
-}
 #: base speed-ups, joined with "+": fused (fused linear CE), liger (Liger kernels + fused CE), compile
 #: (regional torch.compile + fused CE), cg (compile with CUDA graphs: mode="reduce-overhead"), tce (the
 #: fused CE's plain-PyTorch implementation, which needs no host sync, instead of Liger's)

@@ -22,11 +22,14 @@ from lowrank.atomic import write_json, write_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], check: bool = True) -> int:
+    """Run ``cmd`` from the repository root; a failure stops the program when ``check``, else its exit code
+    is returned."""
     print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"experiments: command failed with exit code {done.returncode}: {' '.join(cmd)}")
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code != 0 and check:
+        raise SystemExit(f"experiments: command failed with exit code {code}: {' '.join(cmd)}")
+    return code
 
 
 def run_dir_override(path: Path) -> str:
@@ -93,12 +96,9 @@ def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: boo
         _run([sys.executable, "-m", "lowrank.runner.results", "aggregate", str(sweep_dir)])
     for args in recipe.analyses:
         cmd = analysis_command(args, sweep_dir)
-        if recipe.tolerant:  # a report of what could be analysed beats none when a run is missing
-            print("$", " ".join(cmd), flush=True)
-            if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-                print(f"experiments: analysis failed: {' '.join(cmd[3:])}", file=sys.stderr)
-        else:
-            _run(cmd)
+        # a tolerant recipe reports what could be analysed: better than no report when a run is missing
+        if _run(cmd, check=not recipe.tolerant) != 0:
+            print(f"experiments: analysis failed: {' '.join(cmd[3:])}", file=sys.stderr)
     if recipe.collect is not None:
         recipe.collect(sweep_dir)
     try:
@@ -162,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     recipes = [RECIPES[name] for name in args.recipe]
     dirs = [Path(args.dir or ROOT / "outputs" / "experiments" / r.sweep).resolve() for r in recipes]
     train = not args.analyse_only
+    commands = [c for r, d in zip(recipes, dirs) for c in training_commands(r, d, overrides)]
     if train and (args.jobs > 1 or args.deadline):
-        commands = [c for r, d in zip(recipes, dirs) for c in training_commands(r, d, overrides)]
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
         run_pool(commands, args.jobs, args.deadline)
         train = False
     if args.train_only:
-        for cmd in [c for r, d in zip(recipes, dirs) for c in training_commands(r, d, overrides)] if train else []:
+        for cmd in commands if train else []:
             _run(cmd)
         return 0
     for recipe, sweep_dir in zip(recipes, dirs):

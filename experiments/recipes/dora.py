@@ -70,12 +70,9 @@ def _fig2_paper_checks(d: Path) -> list[Check]:
 
     paper = {ADAPTERS[name].label: r for name, r in ref.DORA_FIG2["correlation"].items()}
     axis = {ADAPTERS[name].label: v for name, v in ref.DORA_FIG2["delta_d_range"].items()}
-    checks, seen = [], set()
+    checks = []
     for label, folder, args in _fig2_outputs():
         matrix = args[args.index("--matrix") + 1]
-        if (folder, matrix) in seen:
-            continue
-        seen.add((folder, matrix))
         try:
             s = load_summary(DecompositionSummary, d / "analysis" / folder, output_name(matrix))
         except FileNotFoundError:
@@ -96,12 +93,14 @@ def _fig2_paper_checks(d: Path) -> list[Check]:
 
 
 def _fig2_paper_tables(d: Path) -> list[str]:
+    from analysis.commands.decomposition import output_name
+
     lines = ["", "Configurations (fixed before any run; all are reported):", ""]
     for config, extra in FIG2_CONFIGS.items():
         for lr in FIG2_FT_LRS:
             lines.append(f"- `{config}`, FT lr {lr}: experiment=dora_fig2_paper {' '.join(extra)} "
                          f"(FT, LoRA, DoRA; r=64, α=r, 20 epochs, decay on m)")
-    lines += ["", "Figures: " + ", ".join(f"analysis/{folder}/{'decomposition' if '--matrix' in a and a[a.index('--matrix') + 1] == 'q' else 'decomposition_v'}/"
+    lines += ["", "Figures: " + ", ".join(f"analysis/{folder}/{output_name(a[a.index('--matrix') + 1])}/"
                                           for _, folder, a in _fig2_outputs()[:2])]
     return lines
 
