@@ -6,7 +6,7 @@ import sys
 
 from analysis import figures
 from analysis.commands import Produced
-from analysis.selection import UsageError, adapter_spec, label, load, out_dir, updated, with_delta
+from analysis.selection import UsageError, adapter_spec, label, load, out_dir, with_delta
 from analysis.summaries import DecompositionSummary
 
 
@@ -34,8 +34,10 @@ def points(chosen, args):
     are the effective W0 + ΔW of each target module ((IA)³: diag(l)·W0); modules a run never moves from W0
     (the frozen blocks of top, gradual) are left out: their ΔM = ΔD = 0 says nothing about the update."""
     import pandas as pd
+    import torch
 
     from analysis.decomposition import trajectory
+    from analysis.names import parse_module_name
 
     frames = []
     for method, info in chosen:
@@ -46,7 +48,8 @@ def points(chosen, args):
                   file=sys.stderr)
             continue
         base = info.run.base_weights()
-        moved = {m for w in saved.values() for m in updated({m: x - base[m] for m, x in w.items() if m in base})}
+        moved = {m for w in saved.values() for m, x in w.items()
+                 if m in base and parse_module_name(m)[1] == args.matrix and not torch.equal(x, base[m])}
         traj = {s: {m: x for m, x in saved[s].items() if m in moved or m not in base} for s in steps}
         df = trajectory(base, traj, kinds=[args.matrix], method=method)
         if df.empty:
