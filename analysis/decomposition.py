@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from analysis.correlation import pearson
 from analysis.linalg import as_float64
 from analysis.names import parse_module_name
 
@@ -105,9 +106,7 @@ def regression(dD: np.ndarray, dM: np.ndarray) -> tuple[float, float, float]:
     xc, yc = x - x.mean(), y - y.mean()
     slope = float(xc @ yc / (xc @ xc))
     intercept = float(y.mean() - slope * x.mean())
-    denom = np.sqrt((xc @ xc) * (yc @ yc))
-    r = float(xc @ yc / denom) if denom > 0 else float("nan")
-    return slope, intercept, r
+    return slope, intercept, pearson(x, y)
 
 
 def correlations(df, *, by: str = "method", y: str = "dM", bootstrap: int = 0, seed: int = 0):
