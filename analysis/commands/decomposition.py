@@ -6,7 +6,7 @@ import sys
 
 from analysis import figures
 from analysis.commands import Produced
-from analysis.selection import UsageError, adapter_spec, label, load, out_dir, with_delta
+from analysis.selection import UsageError, adapter_spec, chosen_seed, label, load, out_dir, with_delta
 from analysis.summaries import DecompositionSummary
 
 
@@ -19,7 +19,7 @@ def choose_runs(infos, args) -> list[tuple[str, object]]:
     dora_rank = min((i.rank for i in by_method.get(label("dora"), []) if i.rank), default=None)
     chosen = []
     for method, runs in by_method.items():
-        seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+        seed = chosen_seed(args, runs)
         runs = [i for i in runs if seed is None or i.seed == seed]
         if adapter_spec(runs[0].adapter).uses_rank:
             want = args.rank or dora_rank or min((i.rank for i in runs if i.rank), default=None)
