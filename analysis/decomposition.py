@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from analysis.correlation import pearson
 from analysis.linalg import as_float64
 from analysis.names import parse_module_name
 
@@ -31,11 +32,8 @@ __all__ = [
 PAPER_CORRELATIONS = {"FT": -0.62, "LoRA": 0.83, "DoRA": -0.31}
 
 
-def magnitude_direction(W0, W, *, relative: bool = False) -> tuple[float, float]:
-    """(ΔM, ΔD) between a pretrained weight W0 and a fine-tuned W, both (out, in) torch layout.
-
-    ``relative=True`` gives ΔM as the mean of |‖W_n‖ − ‖W0_n‖| / ‖W0_n‖ instead (a labelled extra for comparing
-    matrices of different scale; not the paper's eq. 3)."""
+def _row_norms(W0, W) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(‖W0_n‖, ‖W_n‖, cos(W_n, W0_n)) per output row n of two (out, in) matrices."""
     W0 = as_float64(W0, name="W0")
     W = as_float64(W, name="W")
     if W0.shape != W.shape or W0.ndim != 2:
@@ -46,9 +44,24 @@ def magnitude_direction(W0, W, *, relative: bool = False) -> tuple[float, float]
     if zero.size:
         raise ValueError(f"rows {zero[:5].tolist()} have zero norm, so their direction is undefined; drop them")
     cos = np.einsum("ij,ij->i", W, W0) / (m * m0)
-    dM = float(np.mean(np.abs(m - m0) / (m0 if relative else 1.0)))
-    dD = float(np.mean(1.0 - np.clip(cos, -1.0, 1.0)))
-    return dM, dD
+    return m0, m, cos
+
+
+def _delta_m(m0: np.ndarray, m: np.ndarray, relative: bool) -> float:
+    return float(np.mean(np.abs(m - m0) / (m0 if relative else 1.0)))
+
+
+def _delta_d(cos: np.ndarray) -> float:
+    return float(np.mean(1.0 - np.clip(cos, -1.0, 1.0)))
+
+
+def magnitude_direction(W0, W, *, relative: bool = False) -> tuple[float, float]:
+    """(ΔM, ΔD) between a pretrained weight W0 and a fine-tuned W, both (out, in) torch layout.
+
+    ``relative=True`` gives ΔM as the mean of |‖W_n‖ − ‖W0_n‖| / ‖W0_n‖ instead (a labelled extra for comparing
+    matrices of different scale; not the paper's eq. 3)."""
+    m0, m, cos = _row_norms(W0, W)
+    return _delta_m(m0, m, relative), _delta_d(cos)
 
 
 def trajectory(
@@ -74,8 +87,8 @@ def trajectory(
                 continue
             if name not in base_weights:
                 raise KeyError(f"no pretrained weight for {name!r}; load the base model of this run")
-            dM, dD = magnitude_direction(base_weights[name], W)
-            dM_rel, _ = magnitude_direction(base_weights[name], W, relative=True)
+            m0, m, cos = _row_norms(base_weights[name], W)
+            dM, dD, dM_rel = _delta_m(m0, m, False), _delta_d(cos), _delta_m(m0, m, True)
             rows.append({"step": int(step), "module": name, "layer": layer, "matrix": kind, "dM": dM, "dD": dD,
                          "dM_rel": dM_rel})
     df = pd.DataFrame(rows, columns=["step", "module", "layer", "matrix", "dM", "dD", "dM_rel"])
@@ -93,9 +106,7 @@ def regression(dD: np.ndarray, dM: np.ndarray) -> tuple[float, float, float]:
     xc, yc = x - x.mean(), y - y.mean()
     slope = float(xc @ yc / (xc @ xc))
     intercept = float(y.mean() - slope * x.mean())
-    denom = np.sqrt((xc @ xc) * (yc @ yc))
-    r = float(xc @ yc / denom) if denom > 0 else float("nan")
-    return slope, intercept, r
+    return slope, intercept, pearson(x, y)
 
 
 def correlations(df, *, by: str = "method", y: str = "dM", bootstrap: int = 0, seed: int = 0):

@@ -92,5 +92,8 @@ class PeftRun:
         return {name: weight_matrix(layer.base, layer.kind).detach().float().clone()
                 for name, layer in self._layers().items()}
 
+    def weight_files(self) -> dict:
+        return {}
+
     def weight_trajectory(self) -> dict:
         return {}

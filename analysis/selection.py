@@ -17,7 +17,7 @@ from lowrank.adapters import ADAPTERS
 
 __all__ = ["UsageError", "progress", "out_dir", "load", "adapter_spec", "label", "refusal", "factor_runs",
            "delta_runs", "with_delta", "updated", "directions_by_layer", "need", "middle", "spread_layers", "pick_pair_seed", "two_ranks", "two_seeds",
-           "one_run_per_rank"]
+           "chosen_seed", "one_run_per_rank"]
 
 
 class UsageError(Exception):
@@ -217,10 +217,15 @@ def two_seeds(runs, rank, seeds):
     return select(at, seed=s1)[0], select(at, seed=s2)[0]
 
 
+def chosen_seed(args, runs):
+    """``--seed`` if given, else the lowest seed among ``runs`` (None when none has one)."""
+    return args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+
+
 def one_run_per_rank(args, runs):
     """(ranks, seed, {rank: run}): the asked-for ranks (default all) of one seed (default the lowest)."""
     from analysis.inputs import select
 
     ranks = sorted({i.rank for i in runs}) if not args.ranks else list(args.ranks)
-    seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+    seed = chosen_seed(args, runs)
     return ranks, seed, {r: select(runs, rank=r, seed=seed)[0] for r in ranks}

@@ -118,11 +118,6 @@ def loading(model: nn.Module):
         raise
 
 
-def module_of(name: str, modules) -> str:
-    """The longest of ``modules`` that parameter ``name`` belongs to (for messages)."""
-    return max((m for m in modules if name.startswith(m + ".")), key=len, default=name.rpartition(".")[0])
-
-
 def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
               fix: str = "load it into the base model it was trained on", complete: bool = False) -> None:
     """Copy saved tensors into the model's parameters of the same names. Every name and shape is
@@ -169,9 +164,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         adapt(model, config["adapter"], targets=config["targets"], rank=config["rank"], alpha=config["alpha"],
               layers=config["layers"], train_modules=config["train_modules"], **config["options"])
         apply_patterns(model, config.get("rank_pattern") or {}, config.get("alpha_pattern") or {})
-        wrapped, saved = adapter_config(model)["modules"], config.get("modules", adapter_config(model)["modules"])
+        wrapped = adapter_config(model)["modules"]
+        saved = config.get("modules", wrapped)
         for ours, theirs, what in ((wrapped, saved, "adapts"), (saved, wrapped, "holds")):
-            odd = [m for m in ours if m not in set(theirs)]
+            known = set(theirs)
+            odd = [m for m in ours if m not in known]
             if odd:
                 where = "this model" if what == "adapts" else f"the adapter {str(path)!r}"
                 other = f"the adapter {str(path)!r}" if what == "adapts" else "this model"

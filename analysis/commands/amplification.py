@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from analysis import figures
 from analysis.commands import Produced
-from analysis.selection import (UsageError, adapter_spec, delta_runs, load, middle, one_run_per_rank, out_dir, progress,
-                                updated)
+from analysis.selection import (UsageError, adapter_spec, chosen_seed, delta_runs, load, middle, one_run_per_rank,
+                                out_dir, progress, updated)
 from analysis.summaries import AmplificationSummary
 
 COLUMNS = ("delta", "own", "random", "random_expected", "norm_W", "norm_delta", "factor")
@@ -37,7 +37,7 @@ def _chosen(args, runs):
                          f"directions (LoRA Table 7 uses 4 64)")
     from analysis.inputs import select
 
-    seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+    seed = chosen_seed(args, runs)
     run = select(runs, seed=seed)[0]
     return list(args.ranks), seed, {r: run for r in args.ranks}
 

@@ -6,7 +6,7 @@ import sys
 
 from analysis import figures
 from analysis.commands import Produced
-from analysis.selection import UsageError, adapter_spec, label, load, out_dir, updated, with_delta
+from analysis.selection import UsageError, adapter_spec, chosen_seed, label, load, out_dir, with_delta
 from analysis.summaries import DecompositionSummary
 
 
@@ -19,7 +19,7 @@ def choose_runs(infos, args) -> list[tuple[str, object]]:
     dora_rank = min((i.rank for i in by_method.get(label("dora"), []) if i.rank), default=None)
     chosen = []
     for method, runs in by_method.items():
-        seed = args.seed if args.seed is not None else min((i.seed for i in runs if i.seed is not None), default=None)
+        seed = chosen_seed(args, runs)
         runs = [i for i in runs if seed is None or i.seed == seed]
         if adapter_spec(runs[0].adapter).uses_rank:
             want = args.rank or dora_rank or min((i.rank for i in runs if i.rank), default=None)
@@ -34,8 +34,10 @@ def points(chosen, args):
     are the effective W0 + ΔW of each target module ((IA)³: diag(l)·W0); modules a run never moves from W0
     (the frozen blocks of top, gradual) are left out: their ΔM = ΔD = 0 says nothing about the update."""
     import pandas as pd
+    import torch
 
     from analysis.decomposition import trajectory
+    from analysis.names import parse_module_name
 
     frames = []
     for method, info in chosen:
@@ -46,7 +48,8 @@ def points(chosen, args):
                   file=sys.stderr)
             continue
         base = info.run.base_weights()
-        moved = {m for w in saved.values() for m in updated({m: x - base[m] for m, x in w.items() if m in base})}
+        moved = {m for w in saved.values() for m, x in w.items()
+                 if m in base and parse_module_name(m)[1] == args.matrix and not torch.equal(x, base[m])}
         traj = {s: {m: x for m, x in saved[s].items() if m in moved or m not in base} for s in steps}
         df = trajectory(base, traj, kinds=[args.matrix], method=method)
         if df.empty:

@@ -28,10 +28,10 @@ def final_deltas(info) -> dict:
     try:
         return info.run.deltas()
     except FileNotFoundError:
-        steps = sorted(info.run.weight_trajectory())
-        if not steps:
+        last = max(info.run.weight_files(), default=None)
+        if last is None:
             raise UsageError(f"run {info.dir} has neither adapter weights nor saved weights; re-run it") from None
-        return info.run.deltas(step=steps[-1])
+        return info.run.deltas(step=last)
 
 
 def spectrum(args) -> Produced:

@@ -207,12 +207,13 @@ def predict(model: nn.Module, *, batch: int, seq: int, autocast: bool, kind: str
     compute = 2 if (autocast or weight_bytes == 2) else 4
     lowest = _lowest_trained_layer(model, s.layers)
     path = 0 if lowest is None else s.layers - lowest
-    injected = getattr(model, "lowrank_injected", None)
+    from lowrank.adapters.injected import block_list, injected_module
+
+    injected = injected_module(model)
     kind_of = getattr(injected, "adapter_name", None)
     seq = seq + (injected.length if kind_of == "prompt" else 0)  # soft prompts lengthen the sequence
     keys = seq + (injected.length if kind_of == "prefix" else 0)  # prefixes lengthen every layer's keys
     tokens = batch * seq
-    from lowrank.adapters.injected import block_list
 
     stack = model.get_submodule(block_list(model)[0])
     acts = tokens * sum(_per_token_layer(s, stack[i], stream, compute, autocast, keys, device)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 from lowrank.io import CONFIG, load_tensors, read_json
 from lowrank.runner.config import GROUPS
 from lowrank.runner.rundir import (ADAPTER, AGGREGATE, CHECKPOINTS, GENERATIONS, HYDRA_CONFIG, METRICS,
-                                   WEIGHTS_FILE, BrokenResult, read_result, run_dirs)
+                                   WEIGHTS_FILE, BrokenResult, read_result, run_dirs, weights_file)
 
 # pandas (half a second to import) is imported where a table is built: Hydra's AggregateCallback brings
 # this module into every run.py process and every parallel job, which never build one.
@@ -109,12 +109,12 @@ class Run:
         trajectory, ``W_N − W0`` (needs ``trainer.save_weights_at`` to have included N).
         """
         if step is not None:
-            trajectory = self.weight_trajectory()
-            if step not in trajectory:
+            files = self.weight_files()
+            if step not in files:
                 raise KeyError(f"no weights saved at step {step} in {self.dir / CHECKPOINTS}; steps: "
-                               f"{sorted(trajectory)}")
+                               f"{sorted(files)}")
             base = self.base_weights()
-            return {name: w - base[name] for name, w in trajectory[step].items()}
+            return {name: w - base[name] for name, w in load_tensors(files[step]).items()}
         from lowrank.adapters import spec
 
         config = self.adapter_config
@@ -148,10 +148,14 @@ class Run:
                                    for n in names}
         return self._cache["base"]
 
+    def weight_files(self) -> dict[int, Path]:
+        """``{step: path}`` of the saved weights ``checkpoints/weights-step{N}.safetensors`` (not loaded)."""
+        return {int(m.group(1)): p for p in (self.dir / CHECKPOINTS).glob(weights_file("*"))
+                if (m := WEIGHTS_FILE.search(p.name))}
+
     def weight_trajectory(self) -> dict[int, dict[str, torch.Tensor]]:
         """``{step: {module: W0 + ΔW}}`` from ``checkpoints/weights-step{N}.safetensors``, sorted by step."""
-        files = {int(m.group(1)): p for p in (self.dir / CHECKPOINTS).glob("weights-step*.safetensors")
-                 if (m := WEIGHTS_FILE.search(p.name))}
+        files = self.weight_files()
         return {step: load_tensors(files[step]) for step in sorted(files)}
 
     def generations(self) -> pd.DataFrame:
@@ -166,7 +170,7 @@ class Run:
         names = self.adapter_config.get("modules", []) if (self.dir / ADAPTER / CONFIG).is_file() else []
         if names:
             return names
-        trajectory = sorted((self.dir / CHECKPOINTS).glob("weights-step*.safetensors"))
+        trajectory = sorted(self.weight_files().values())
         if trajectory:
             from safetensors import safe_open
 

@@ -65,14 +65,14 @@ class Tracker:
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
+                record = json.loads(line)
+                if record["step"] <= step:
+                    kept.append((line, record))
             except (ValueError, KeyError):
                 continue
-        write_text(self.path, "".join(line + "\n" for line in kept))
+        write_text(self.path, "".join(line + "\n" for line, _ in kept))
         if self._wandb is not None and self.cfg.mode == "offline":  # the earlier attempt's steps, into this run
-            for line in kept:
-                record = json.loads(line)
+            for _, record in kept:
                 values = {k: v for k, v in record.items() if k not in ("step", "time")}
                 self._mirror(lambda run, values=values, step=record["step"]: run.log(values, step=step))
 
