@@ -26,12 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lowrank.adapters import bottleneck, dora, flora, ia3, layers, lora, prefix, prompt
+from lowrank.adapters import bottleneck, dora, flora, ia3, layers, lora, mora, prefix, prompt
 from lowrank.adapters.base import AdaptedLayer, layer_kind
 from lowrank.adapters.dora import DoRA
 from lowrank.adapters.flora import FLoRA
 from lowrank.adapters.ia3 import IA3
 from lowrank.adapters.lora import FusedLoRA, LoRA
+from lowrank.adapters.mora import MoRA
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
     AdapterSpec("flora", "FLoRA", "FLoRA, Si et al. 2024 (arXiv 2405.14739): Tucker core, s · G ×1 A_in ×2 A_out "
                 "(×3 ×4 for convs)", uses_rank=True, options=("dropout", "scale", "ranks"), build=flora.build,
                 read_factors=flora.read_factors, delta_from_factors=True, has_delta=True),
+    AdapterSpec("mora", "MoRA", "MoRA, Jiang et al. 2024 (arXiv 2405.12130): W0 + f_decomp(M f_comp(x)), one "
+                "square M of LoRA-r's parameter count", uses_rank=True, options=("dropout", "mora_type"),
+                build=mora.build, has_delta=True),
     AdapterSpec("ia3", "(IA)³", "(IA)³, Liu et al. 2022 (arXiv 2205.05638): learned rescaling of k, v and the "
                 "FFN activation", options=("feedforward",), default_targets=("k", "v", "down"), build=ia3.build,
                 has_delta=True),
@@ -113,5 +117,5 @@ def spec(name: str) -> AdapterSpec:
     return found
 
 
-__all__ = ["ADAPTERS", "AdapterSpec", "AdaptedLayer", "LoRA", "FusedLoRA", "DoRA", "FLoRA", "IA3", "layer_kind",
+__all__ = ["ADAPTERS", "AdapterSpec", "AdaptedLayer", "LoRA", "FusedLoRA", "DoRA", "FLoRA", "IA3", "MoRA", "layer_kind",
            "spec"]
