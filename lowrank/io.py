@@ -25,6 +25,7 @@ from torch import nn
 
 from lowrank.adapters import spec as adapter_spec
 from lowrank.atomic import atomic_path, write_json
+from lowrank.adapters.lora import initial_factors
 from lowrank.core import CONFIG_ATTR, _replace, adapt, adapted_modules, adapter_config, trainable_state_dict
 from lowrank.targeting import Target
 
@@ -70,7 +71,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: dict | None =
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {**adapter_config(model), "format": FORMAT, **(extra or {})}
-    save_tensors(path / WEIGHTS, trainable_state_dict(model), {"format": FORMAT})
+    tensors = {**trainable_state_dict(model), **initial_factors(adapted_modules(model))}  # + A0, B0 of an init from W
+    save_tensors(path / WEIGHTS, tensors, {"format": FORMAT})
     write_json(path / CONFIG, config, sort_keys=True)
     return path
 
@@ -174,6 +176,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 other = f"the adapter {str(path)!r}" if what == "adapts" else "this model"
                 raise ValueError(f"{where} {what} {odd[0]!r} ({len(odd)} module(s) in all) that {other} lacks: "
                                  f"different layers; load it into the base model it was trained on")
+        layers = adapted_modules(model)
+        for key in [k for k in tensors if k.endswith((".lora_A0", ".lora_B0"))]:  # an init from W: A0, B0
+            module, _, buffer = key.rpartition(".")
+            if getattr(layers.get(module), buffer, None) is None or layers[module].get_buffer(buffer).shape != \
+                    tensors[key].shape:
+                raise ValueError(f"{str(path)!r} holds {key!r}, which this model's layer does not match: the "
+                                 f"adapter was initialised differently; load it into the base model it was trained on")
+            layers[module].get_buffer(buffer).copy_(tensors.pop(key))
         load_into(model, tensors, str(path), complete=True)
     return model
 

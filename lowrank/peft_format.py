@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lowrank.adapters import DoRA, FusedLoRA, LoRA, layer_kind
+from lowrank.adapters.lora import converted_factors
 from lowrank.atomic import write_json
 from lowrank.core import adapt, adapted_modules, adapter_config, trainable_state_dict
 from lowrank.io import apply_patterns, load_into, load_tensors, loading, read_json, save_tensors, weights_file
@@ -108,6 +109,18 @@ def _peft_layer(name: str, layer, rslora: bool = False) -> tuple[dict[str, torch
     return keys, layer.rank, layer.alpha
 
 
+def _converted(name: str, layer, rslora: bool) -> tuple[dict[str, torch.Tensor], int, float]:
+    """A PiSSA/MiLoRA/OLoRA layer as the plain rank-2r LoRA that applies to the original base, as PEFT writes it
+    with ``path_initial_model_for_weight_conversion``: A' = [A; A0], B' = [B, −B0], same scale (α' = s·2r)."""
+    A, B = converted_factors(layer.lora_A.detach(), layer.lora_B.detach(), layer.lora_A0, layer.lora_B0)
+    rank = 2 * layer.rank
+    prefix = PEFT_PREFIX + name
+    keys = {f"{prefix}.lora_A.weight": A, f"{prefix}.lora_B.weight": B}
+    if isinstance(layer, DoRA):  # m (W0 + s B'A') / ‖·‖ = m (W_res + s BA) / ‖·‖: the magnitude carries over
+        keys[f"{prefix}.lora_magnitude_vector"] = layer.magnitude
+    return keys, rank, layer.scaling * (math.sqrt(rank) if rslora else rank)
+
+
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write a LoRA/DoRA-adapted model in PEFT's on-disk format (loadable by ``PeftModel.from_pretrained``)."""
     config = adapter_config(model)
@@ -120,6 +133,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     layers = adapted_modules(model)
     for name, layer in layers.items():
         keys, ranks[name], alphas[name] = _peft_layer(name, layer, config["options"].get("rslora", False))
+        if getattr(layer, "lora_A0", None) is not None:  # an init from W: PEFT's conversion to plain LoRA
+            keys, ranks[name], alphas[name] = _converted(name, layer, config["options"].get("rslora", False))
         tensors.update(keys)
     for name, p in trainable_state_dict(model).items():
         if any(name.startswith(h + ".") for h in config["train_modules"]):

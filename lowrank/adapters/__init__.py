@@ -62,10 +62,10 @@ class AdapterSpec:
 
 ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
     AdapterSpec("lora", "LoRA", "LoRA, Hu et al. 2021 (arXiv 2106.09685): W0 + (α/r) B A", uses_rank=True,
-                options=("dropout", "rslora"), build=lora.build, read_factors=lora.read_factors,
+                options=("dropout", "rslora", "init"), build=lora.build, read_factors=lora.read_factors,
                 delta_from_factors=True, has_delta=True),
     AdapterSpec("dora", "DoRA", "DoRA, Liu et al. 2024 (arXiv 2402.09353): m (W0 + ΔW) / ‖W0 + ΔW‖_c",
-                uses_rank=True, options=("dropout", "rslora", "dora_norm", "dora_fast"), build=dora.build,
+                uses_rank=True, options=("dropout", "rslora", "dora_norm", "dora_fast", "init"), build=dora.build,
                 read_factors=lora.read_factors, has_delta=True),
     AdapterSpec("flora", "FLoRA", "FLoRA, Si et al. 2024 (arXiv 2405.14739): Tucker core, s · G ×1 A_in ×2 A_out "
                 "(×3 ×4 for convs)", uses_rank=True, options=("dropout", "scale", "ranks"), build=flora.build,

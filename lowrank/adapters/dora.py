@@ -83,16 +83,18 @@ class DoRA(LoRA):
     adapter_name = "dora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *, dropout: float = 0.0,
-                 rslora: bool = False, norm: str = "detached", fast: bool = True):
+                 rslora: bool = False, norm: str = "detached", fast: bool = True, init: str = "default"):
         if norm not in NORMS:
             raise ValueError(f"dora_norm={norm!r} is not one of {NORMS}; use 'detached' (DoRA §4.3) or 'exact'")
-        super().__init__(base, rank, alpha, dropout=dropout, rslora=rslora)
+        super().__init__(base, rank, alpha, dropout=dropout, rslora=rslora, init=init)
         if self.kind == "embedding":
             raise ValueError("DoRA on an nn.Embedding is not supported; adapt it with 'lora' instead")
         self.norm = norm
         self.fast = fast and _plain_matmul_layer(base)
         w0 = self.base_matrix().detach().float()
-        self.magnitude = nn.Parameter(w0.norm(dim=1))
+        # ‖W0 + sBA‖_c: ‖W0‖_c at the default init (B = 0); after an init from W (lora.init_from_weight) the
+        # base is the residual and W0 + sBA is the pretrained weight again (PEFT's dora_init, same order)
+        self.magnitude = nn.Parameter((w0 + LoRA._update_matrix(self).detach()).norm(dim=1))
         # ‖W0‖² per row, cached (W0 is frozen); dropped while merged because the base weight changes.
         self.register_buffer("_w0_sq", w0.square().sum(1), persistent=False)
         self.register_buffer("_merge_scale", None, persistent=False)
@@ -190,4 +192,5 @@ def build(target, rank: int, alpha: float | None, options: dict) -> DoRA:
     no_slices("dora", target)
     check_rank_fits(rank, target)
     return DoRA(target.module, rank, alpha, dropout=options.get("dropout", 0.0), rslora=options.get("rslora", False),
-                norm=options.get("dora_norm", "detached"), fast=options.get("dora_fast", True))
+                norm=options.get("dora_norm", "detached"), fast=options.get("dora_fast", True),
+                init=options.get("init", "default"))

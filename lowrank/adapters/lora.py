@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import AdaptedLayer, apply_matrix, check_rank_fits, conv_input
+from lowrank.adapters.base import AdaptedLayer, apply_matrix, check_rank_fits, conv_input, to_native
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
@@ -52,7 +52,7 @@ class LoRA(AdaptedLayer):
     adapter_name = "lora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *, dropout: float = 0.0,
-                 rslora: bool = False):
+                 rslora: bool = False, init: str = "default"):
         super().__init__(base)
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
@@ -61,6 +61,7 @@ class LoRA(AdaptedLayer):
         self.lora_B = _factor((self.out_features, rank), base.weight)
         init_lora_pair(self.lora_A, self.lora_B)
         self.lora_dropout = _dropout(dropout) if self.kind != "embedding" else nn.Identity()
+        init_from_weight(self, init)
 
     def _update_matrix(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -85,6 +86,23 @@ class LoRA(AdaptedLayer):
         if self.merged:
             return y
         return y + self.lora_output(self.lora_dropout(x)).to(y.dtype)
+
+    # ---- initialisations from W (``init``, see init_from_weight) ---------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW against the original pretrained W0: after a PiSSA/MiLoRA/OLoRA init the base holds the residual
+        W0 − s·B0A0, so ΔW = s(BA − B0A0)."""
+        delta = super().delta_weight()
+        if self.lora_A0 is not None:
+            delta = delta - (self.lora_B0 @ self.lora_A0) * self.scaling
+        return delta
+
+    def original_matrix(self) -> torch.Tensor:
+        """The pretrained W0 (float32, (out, in), while unmerged): the base weight plus s·B0A0 after an init
+        from W, the base weight itself otherwise."""
+        w = self.base_matrix().detach().float()
+        if self.lora_A0 is not None:
+            w = w + (self.lora_B0 @ self.lora_A0) * self.scaling
+        return w
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
@@ -140,17 +158,21 @@ def build(target, rank: int, alpha: float | None, options: dict) -> AdaptedLayer
     """The registry's constructor: ``LoRA`` on a whole matrix, ``FusedLoRA`` on slices of a fused one."""
     kw = {"dropout": options.get("dropout", 0.0), "rslora": options.get("rslora", False)}
     if target.slices is not None:
+        check_init(options.get("init", "default"), target.name, fused=True)
         check_rank_fits(rank, target, rows=min(len(rows) for rows in target.slices.values()))
         return FusedLoRA(target.module, target.slices, rank, alpha, **kw)
     check_rank_fits(rank, target)
-    return LoRA(target.module, rank, alpha, **kw)
+    return LoRA(target.module, rank, alpha, init=options.get("init", "default"), **kw)
 
 
 def read_factors(module: str, tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, dict]:
     """A saved LoRA/DoRA module's factors: ``{"A": (r, in), "B": (out, r), "scaling"}`` (+ ``magnitude``);
     a fused projection adapted in slices gives one entry per slice, keyed ``"<module>[q]"``."""
     if f"{module}.lora_A" in tensors:
-        entry = {"A": tensors[f"{module}.lora_A"], "B": tensors[f"{module}.lora_B"], "scaling": scaling}
+        A, B = tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"]
+        if f"{module}.lora_A0" in tensors:  # an init from W: ΔW = s(BA − B0A0) in PEFT's rank-2r form
+            A, B = converted_factors(A, B, tensors[f"{module}.lora_A0"], tensors[f"{module}.lora_B0"])
+        entry = {"A": A, "B": B, "scaling": scaling}
         if f"{module}.magnitude" in tensors:
             entry["magnitude"] = tensors[f"{module}.magnitude"]
         return {module: entry}
@@ -159,4 +181,70 @@ def read_factors(module: str, tensors: dict[str, torch.Tensor], scaling: float) 
         if key.startswith(prefix) and key.endswith(".lora_A"):
             part = key[len(prefix):-len(".lora_A")]
             out[f"{module}[{part}]"] = {"A": tensors[key], "B": tensors[f"{prefix}{part}.lora_B"], "scaling": scaling}
+    return out
+
+
+# ==== initialisations from the pretrained weight (``init``): PiSSA, MiLoRA, OLoRA ========================
+# PiSSA (Meng et al. 2024, arXiv 2404.02948): A, B from the top-r singular triplets of W; MiLoRA (Wang et al.
+# 2024, arXiv 2406.09044): the bottom r; OLoRA (Büyükakyüz 2024, arXiv 2406.01775): the first r columns of
+# Q and rows of R of W = QR. In each the base becomes the residual W0 − s·B0A0, so the model's function is
+# unchanged at step 0; A0, B0 are kept (persistent buffers ``lora_A0``/``lora_B0``) so that ΔW is measured
+# against the original W0. Factors as PEFT's ``pissa_init``/``olora_init`` (tuners/lora/layer.py):
+# A = diag(√(S_r/s)) Vhᵣ, B = Uᵣ diag(√(S_r/s)); OLoRA: B = Qᵣ, A = Rᵣ.
+
+INITS = ("default", "pissa", "milora", "olora")
+
+
+def check_init(init, name: str, fused: bool = False) -> None:
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not one of {INITS}; use e.g. init=pissa")
+    if fused and init != "default":
+        raise ValueError(f"init={init!r} on slices of the fused projection {name!r} is not supported; use "
+                         f"init=default there, or a model with separate q/k/v projections")
+
+
+def init_factors(w: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A0, B0)`` (float64) from an (out, in) weight ``w`` for ``init`` (pissa, milora, olora)."""
+    w = w.double()
+    if init == "olora":
+        Q, R = torch.linalg.qr(w)
+        return R[:rank].contiguous(), Q[:, :rank].contiguous()
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    keep = slice(0, rank) if init == "pissa" else slice(S.numel() - rank, S.numel())
+    root = (S[keep] / scaling).sqrt()
+    return root[:, None] * Vh[keep], U[:, keep] * root
+
+
+@torch.no_grad()
+def init_from_weight(layer: LoRA, init: str) -> None:
+    """Set A, B from the layer's weight (``init``) and make the base the residual; ``default`` keeps loralib's."""
+    check_init(init, type(layer.base).__name__)
+    layer.register_buffer("lora_A0", None)
+    layer.register_buffer("lora_B0", None)
+    if init == "default":
+        return
+    if layer.kind not in ("linear", "conv1d"):
+        raise ValueError(f"init={init!r} needs a Linear or Conv1D base, not a {type(layer.base).__name__}; "
+                         f"use init=default there")
+    w0 = layer.base_matrix().detach()
+    A0, B0 = init_factors(w0, layer.rank, layer.scaling, init)
+    layer.lora_A.copy_(A0)
+    layer.lora_B.copy_(B0)
+    layer.lora_A0, layer.lora_B0 = A0.float().clone(), B0.float().clone()
+    residual = w0.double() - layer.scaling * (B0 @ A0)
+    layer.base.weight.copy_(to_native(layer.base, layer.kind, residual.to(w0.dtype)))
+
+
+def converted_factors(A, B, A0, B0) -> tuple[torch.Tensor, torch.Tensor]:
+    """s(BA − B0A0) as one rank-2r pair, [B, −B0] [A; A0]: PEFT's conversion of such adapters to plain LoRA
+    on the original base (``LoraModel.subtract_mutated_init``)."""
+    return torch.cat([A, A0.to(A.dtype)]), torch.cat([B, -B0.to(B.dtype)], dim=1)
+
+
+def initial_factors(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{"<module>.lora_A0": A0, "<module>.lora_B0": B0}`` of the layers initialised from W."""
+    out = {}
+    for name, layer in layers.items():
+        if getattr(layer, "lora_A0", None) is not None:
+            out[f"{name}.lora_A0"], out[f"{name}.lora_B0"] = layer.lora_A0, layer.lora_B0
     return out

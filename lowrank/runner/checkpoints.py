@@ -32,7 +32,8 @@ def target_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, AdaptedLayer):
-            w = module.base_matrix().detach().float() + module.delta_weight()
+            # W0 as pretrained (original_matrix: the base may hold a PiSSA-style residual) + ΔW
+            w = getattr(module, "original_matrix", module.base_matrix)().detach().float() + module.delta_weight()
         else:
             w = weight_matrix(module, layer_kind(module)).detach().float()
         out[name] = w.cpu().contiguous()

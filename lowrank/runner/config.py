@@ -251,6 +251,14 @@ def _check_adapter(cfg) -> None:
                           f"targets=[q,v]")
     if spec.wraps and not cfg.targets:
         raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
+    init = cfg.adapter.get("init")
+    if init is not None and cfg.adapter.options.get("init") != init:
+        raise ConfigError(f"adapter.init={init!r} is an option of lora and dora, not of {name}; fix: remove it")
+    if init is not None and name in ("lora", "dora"):
+        from lowrank.adapters.lora import INITS
+
+        if init not in INITS:
+            raise ConfigError(f"adapter.init={init!r} is not one of {', '.join(INITS)}; fix: e.g. adapter.init=pissa")
     dropout = cfg.adapter.options.get("dropout")
     if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise ConfigError(f"adapter.options.dropout={dropout!r} must be in [0, 1); fix: e.g. "

@@ -74,6 +74,7 @@ class TaskConfig:
 class AdapterConfig:
     name: str = MISSING
     source: str = ""
+    init: Optional[str] = None   # LoRA/DoRA: default|pissa|milora|olora, read as options.init (conf/adapter/lora.yaml)
     options: Dict[str, Any] = field(default_factory=dict)
 
 
