@@ -259,6 +259,10 @@ def _check_adapter(cfg) -> None:
 
         if init not in INITS:
             raise ConfigError(f"adapter.init={init!r} is not one of {', '.join(INITS)}; fix: e.g. adapter.init=pissa")
+    ratio = cfg.trainer.get("lora_plus_ratio")
+    if ratio is not None and (ratio <= 0 or name not in ("lora", "dora")):
+        raise ConfigError(f"trainer.lora_plus_ratio={ratio} needs adapter=lora or dora and a positive ratio (lora_B's "
+                          f"lr = ratio × lr); fix: e.g. trainer.lora_plus_ratio=16, or remove it")
     dropout = cfg.adapter.options.get("dropout")
     if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise ConfigError(f"adapter.options.dropout={dropout!r} must be in [0, 1); fix: e.g. "

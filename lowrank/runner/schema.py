@@ -102,6 +102,7 @@ class TrainerConfig:
     save_weights_every: int = 0
     save_weights_at_fractions: List[float] = field(default_factory=list)
     decay_magnitude: bool = False
+    lora_plus_ratio: Optional[float] = None   # LoRA+ (arXiv 2402.12354): lora_B's lr = ratio × lr (runner/loraplus.py)
     head_first_steps: int = 0
     head_first_lr: float = 1e-3
     precision: str = "auto"

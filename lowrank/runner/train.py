@@ -49,6 +49,7 @@ from lowrank.runner import accel, distributed, graphs
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
+from lowrank.runner.loraplus import lora_plus_groups
 from lowrank.runner.loss import autocast, batch_loss, can_fuse, loss_fn
 from lowrank.runner.rundir import CHECKPOINTS, GENERATIONS
 
@@ -85,7 +86,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, *,
-                   decay_magnitude: bool = False) -> torch.optim.AdamW:
+                   decay_magnitude: bool = False, lora_plus_ratio: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no decay on 1-D tensors (biases, norms), nor on DoRA magnitudes
     unless ``decay_magnitude`` (the official DoRA code decays every parameter except biases and LayerNorm
     weights, the magnitude m included: NVlabs/DoRA, VL-T5 ``trainer_base.py``). On CUDA with float32
@@ -94,6 +95,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas, *,
     decays = [p.ndim >= 2 or (decay_magnitude and n.endswith("magnitude")) for n, p in named]
     groups = [{"params": [p for (_, p), d in zip(named, decays) if d], "weight_decay": weight_decay},
               {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}]
+    groups = lora_plus_groups(groups, {id(p): n for n, p in named}, lr, lora_plus_ratio)  # LoRA+: B at λ·lr
     fused = bool(named) and all(p.is_cuda and p.dtype == torch.float32 for _, p in named)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), fused=fused or None)
 
@@ -271,7 +273,8 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     total = total_steps(cfg, len(data.train))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, decay_magnitude=cfg.decay_magnitude)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, decay_magnitude=cfg.decay_magnitude,
+                               lora_plus_ratio=cfg.get("lora_plus_ratio"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
     weight_steps = set(cfg.save_weights_at)
     if cfg.save_weights_every:
