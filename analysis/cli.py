@@ -8,6 +8,7 @@
     decomposition  DoRA Fig. 2   ΔM vs ΔD over checkpoints, one panel per method (FT, LoRA, DoRA, ...)
     tables         LoRA Tables 5-6  metric by adapted matrices (budget-matched) and by rank
     spectrum       LoRA §4.1     ΔW's singular values: energy in the top r, effective rank (FT vs LoRA/DoRA)
+    intruders      arXiv 2410.21228  W0+ΔW's top singular vectors orthogonal to W0's; mitigation, eval before/after
 
 subspace, seeds, layers and wsubspace read the low-rank factors A, B (lora, dora, flora); amplification,
 decomposition and spectrum read ΔW = W − W0 (lora, dora, flora, ia3, full, top, gradual: the registry's
@@ -49,6 +50,8 @@ ANALYSES = {
     "tables": (_command("tables", "tables"), "LoRA Tables 5-6 from a sweep's aggregate table"),
     "costs": (_command("costs", "costs"), "Cost model: predicted vs measured memory per method, stacked bars"),
     "spectrum": (_command("spectrum", "spectrum"), "ΔW's singular values, energy in the top r, effective rank"),
+    "intruders": (_command("intruders", "intruders"), "Intruder dimensions (arXiv 2410.21228): counts per layer "
+                  "and method, count vs ε, mitigation with the evaluation before and after"),
 }
 
 
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "tables":
             s.add_argument("--base-model", default=None,
                            help="base model of PEFT adapter folders (default: their base_model_name_or_path)")
-        if name not in ("decomposition", "tables", "spectrum"):
+        if name not in ("decomposition", "tables", "spectrum", "intruders"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "layers"):
             s.add_argument("--factor", choices=["A", "B", "dW"], default="A",
@@ -146,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--matrices", nargs="+", choices=list("qkvo"), default=["q", "v"])
             s.add_argument("--top", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64],
                            help="r of the energy-in-top-r columns (and the lines on the figure)")
+        if name == "intruders":
+            s.add_argument("--matrices", nargs="+", choices=list("qkvo"), default=["q", "v"])
+            s.add_argument("-k", "--k", type=int, default=10, help="top-k singular vectors of W0+ΔW examined (10)")
+            s.add_argument("--epsilon", type=float, default=0.5,
+                           help="intruder when max |cos| with every W0 singular vector is below this (0.5)")
+            s.add_argument("--lam", type=float, default=0.75,
+                           help="mitigation: each intruder's singular value times λ (PEFT's default 0.75)")
+            s.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                           help="skip the task evaluation before and after the mitigation (loads model and data)")
         if name == "tables":
             s.add_argument("--metric", default=None, help="metric column (default: the accuracy-like one)")
             s.add_argument("--budget", type=int, default=None, help="rank units per layer for Table 5 (e.g. 8)")

@@ -15,7 +15,7 @@ from typing import ClassVar, TypeVar
 from lowrank.atomic import write_json
 
 __all__ = ["Summary", "SubspaceSummary", "SeedsSummary", "LayersSummary", "WSubspaceSummary",
-           "AmplificationSummary", "DecompositionSummary", "TablesSummary", "SpectrumSummary",
+           "AmplificationSummary", "DecompositionSummary", "TablesSummary", "SpectrumSummary", "IntrudersSummary",
            "write_summary", "load_summary", "summary_path"]
 
 S = TypeVar("S", bound="Summary")
@@ -174,6 +174,21 @@ class SpectrumSummary(Summary):
     effective_rank: dict[str, float]                     # label → median entropy effective rank
     stable_rank: dict[str, float]                        # label → median ‖ΔW‖_F² / σ1²
     figure: str = "ΔW spectrum (LoRA §4.1, §7)"
+
+
+@dataclass
+class IntrudersSummary(Summary):
+    """Intruder dimensions (arXiv 2410.21228) per run: counts among W's top k at ε, and the mitigation's effect."""
+
+    analysis: ClassVar[str] = "intruders"
+    k: int
+    epsilon: float
+    lam: float
+    runs: dict[str, str]                                 # label → run dir
+    total: dict[str, int]                                # label → intruders summed over the adapted matrices
+    per_matrix: dict[str, float]                         # label → mean intruders per adapted matrix
+    evaluation: dict[str, dict[str, float]] = field(default_factory=dict)   # label → {"before": m, "after": m}
+    figure: str = "intruder dimensions (arXiv 2410.21228, Figs. 4-5)"
 
 
 def summary_path(sweep_or_out: str | Path, analysis: str) -> Path:
