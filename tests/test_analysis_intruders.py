@@ -85,3 +85,29 @@ def test_counts_and_mitigated_update_equal_peft():
     theirs = la.get_delta_weight("intruder_reduced").double()
     u, s, vh = torch.linalg.svd(mitigate(w, d, found.indices, 0.75))    # PEFT keeps the rank-r part
     torch.testing.assert_close(theirs, (u[:, :2] * s[:2]) @ vh[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_counts_are_the_maths_on_each_run(tmp_path):
+    """`python -m analysis intruders` on synthetic run directories (the analysis CLI's own fixture): per-module
+    counts equal ``find`` on the same W0 and ΔW, and the figure and summary are written."""
+    import json
+
+    from analysis.cli import main
+    from analysis.commands.spectrum import final_deltas
+    from analysis.inputs import describe
+    from lowrank.runner.results import load_run
+    from test_analysis_cli import _tiny_model_dir, _write_run
+
+    model_dir = _tiny_model_dir(tmp_path)
+    sweep = tmp_path / "sweep"
+    runs = [_write_run(sweep, model_dir, "lora", 4, 0, 0.8), _write_run(sweep, model_dir, "full", 4, 0, 0.9)]
+    assert main(["intruders", str(sweep), "--out", str(tmp_path / "out"), "--wandb", "off", "--no-evaluate",
+                 "-k", "6", "--epsilon", "0.6"]) == 0
+    summary = json.loads((tmp_path / "out" / "intruders" / "summary.json").read_text())
+    for run, label in zip(runs, ("LoRA r=4", "FT")):
+        r = load_run(run)
+        base = r.base_weights()
+        deltas = final_deltas(describe(r))
+        expected = sum(find(base[m], d, k=6, epsilon=0.6).count for m, d in deltas.items())
+        assert summary["total"][label] == expected
+    assert (tmp_path / "out" / "intruders" / "intruders.png").is_file()

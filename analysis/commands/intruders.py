@@ -84,6 +84,7 @@ def intruders(args) -> Produced:
     from tqdm.auto import tqdm
 
     from analysis import figures
+    from analysis.commands.spectrum import final_deltas
     from analysis.intruders import find, mitigate
     from analysis.names import parse_module_name
 
@@ -96,7 +97,7 @@ def intruders(args) -> Produced:
     rows, curves, dirs, evaluation = [], {}, {}, {}
     for info in tqdm(runs, desc="intruders", disable=not progress(args)):
         label = method_label(info)
-        deltas = {m: d for m, d in updated(info.run.deltas()).items() if parse_module_name(m)[1] in args.matrices}
+        deltas = {m: d for m, d in updated(final_deltas(info)).items() if parse_module_name(m)[1] in args.matrices}
         if not deltas:
             print(f"{info.dir.name} ({label}): no updated {'/'.join(args.matrices)} matrix, skipped", file=sys.stderr)
             continue
