@@ -25,7 +25,7 @@ from torch import nn
 
 from lowrank.adapters import spec as adapter_spec
 from lowrank.atomic import atomic_path, write_json
-from lowrank.adapters.lora import initial_factors
+from lowrank.adapters.lora import initial_factors, restore_pretrained
 from lowrank.core import CONFIG_ATTR, _replace, adapt, adapted_modules, adapter_config, trainable_state_dict
 from lowrank.targeting import Target
 
@@ -112,6 +112,7 @@ def loading(model: nn.Module):
     except BaseException:
         for name, layer in adapted_modules(model).items():
             if id(layer) not in before:
+                restore_pretrained(layer)  # an init from W (PiSSA...) left the residual in the base
                 _replace(model, name, layer.base)
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))

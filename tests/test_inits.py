@@ -127,3 +127,19 @@ def test_peft_format_is_the_converted_rank_2r_adapter_on_the_original_base(adapt
 def test_bad_init_is_one_line():
     with pytest.raises(ValueError, match="init='svd' is not one of"):
         lowrank.adapt(_bert(), "lora", targets=["q"], rank=4, init="svd")
+
+
+def test_a_failed_load_puts_the_pretrained_weights_back(tmp_path):
+    model = lowrank.adapt(_bert(), "lora", targets=["q", "v"], rank=4, init="pissa")
+    lowrank.save_adapter(model, tmp_path / "a")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "a" / "adapter.safetensors")
+    key = next(k for k in tensors if k.endswith("value.lora_B"))
+    tensors[key] = tensors[key][:, :2].contiguous()                     # a wrong shape: the load must fail
+    save_file(tensors, tmp_path / "a" / "adapter.safetensors")
+    fresh, before = _bert(), {n: p.detach().clone() for n, p in _bert().named_parameters()}
+    with pytest.raises(ValueError, match="saved shape"):
+        lowrank.load_adapter(fresh, tmp_path / "a")
+    for n, p in fresh.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)

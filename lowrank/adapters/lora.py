@@ -235,6 +235,17 @@ def init_from_weight(layer: LoRA, init: str) -> None:
     layer.base.weight.copy_(to_native(layer.base, layer.kind, residual.to(w0.dtype)))
 
 
+@torch.no_grad()
+def restore_pretrained(layer) -> None:
+    """Put the pretrained W0 back into the base of a layer initialised from W (base += s·B0A0, up to float32
+    rounding), for taking the adapter off unmerged (a rolled-back load, removal); other layers are left alone."""
+    if getattr(layer, "lora_A0", None) is None or layer.merged:
+        return
+    w = layer.base.weight
+    w.copy_(to_native(layer.base, layer.kind, layer.original_matrix().to(w.dtype)))
+    layer.lora_A0 = layer.lora_B0 = None
+
+
 def converted_factors(A, B, A0, B0) -> tuple[torch.Tensor, torch.Tensor]:
     """s(BA − B0A0) as one rank-2r pair, [B, −B0] [A; A0]: PEFT's conversion of such adapters to plain LoRA
     on the original base (``LoraModel.subtract_mutated_init``)."""
