@@ -35,6 +35,8 @@ class Bottleneck(AdaptedLayer):
     """``base(x)`` followed by a residual bottleneck adapter."""
 
     adapter_name = "bottleneck"
+    mergeable = False
+    adds = "a bottleneck module after its layer"
 
     def __init__(self, base: nn.Module, rank: int, *, nonlinearity: str = "swish", init_std: float = 0.01):
         super().__init__(base)
