@@ -240,3 +240,20 @@ def test_bad_patterns_are_one_line_and_change_nothing(kwargs, fragment):
         lowrank.adapt(model, kwargs.pop("adapter"), rank=2, **kwargs)
     assert "\n" not in str(error.value) and fragment in str(error.value), str(error.value)
     assert_like_fresh(model, fresh)
+
+
+def test_the_runner_s_target_check_leaves_the_shared_model_config_alone(tiny_bert):
+    """The runner adapts a weightless skeleton built on the same config object the model then loads with; a
+    prefix method must not leave its attention setting there."""
+    from hydra import compose, initialize_config_dir
+
+    from lowrank.runner import models
+    from lowrank.runner.app import check_targets
+    from lowrank.runner.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model.pretrained={tiny_bert}", "model.name=tiny", "adapter=prefix"])
+    config, expected = models.load_config(cfg.model, cfg.task), models.load_config(cfg.model, cfg.task)
+    models.skeleton(cfg.model, cfg.task, expected)  # transformers itself fills in settings when it builds a model
+    check_targets(cfg, config)
+    assert config == expected and config._attn_implementation == "sdpa"
