@@ -273,9 +273,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     LayerNorms) keep their trained values: they are the model's own. A model without an adapter is returned
     as it is."""
     for name, layer in adapted_modules(model).items():
-        if layer.merged:
-            layer.unmerge()
-        _replace(model, name, layer.base)
+        _replace(model, name, layer.release())
     detach(model)
     flags = getattr(model, FLAGS_ATTR, None) or {}
     for name, p in model.named_parameters():

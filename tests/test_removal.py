@@ -257,3 +257,17 @@ def test_the_runner_s_target_check_leaves_the_shared_model_config_alone(tiny_ber
     models.skeleton(cfg.model, cfg.task, expected)  # transformers itself fills in settings when it builds a model
     check_targets(cfg, config)
     assert config == expected and config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "flora", "ia3"])
+def test_a_merged_adapter_is_unmerged_when_removed(name):
+    """Unlike PEFT's unload, which leaves a merged weight merged: the base weights are W0 again."""
+    model, fresh = adapted("bert", name, perturb="adapter")
+    lowrank.merge_adapters(model)
+    assert not torch.allclose(outputs(model), outputs(fresh))
+    lowrank.remove_adapters(model)
+    assert_like_fresh(model, fresh, values=False)
+    theirs = dict(fresh.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, theirs[n], rtol=0, atol=1e-6)  # ΔW is formed in float32
+    torch.testing.assert_close(outputs(model), outputs(fresh), rtol=1e-5, atol=1e-6)

@@ -190,5 +190,12 @@ class AdaptedLayer(nn.Module):
         w.sub_(to_native(self.base, self.kind, self._update_matrix().to(w.dtype)))
         self.merged = False
 
+    def release(self) -> nn.Module:
+        """The base layer as it was before this layer wrapped it (``lowrank.remove_adapters`` puts it back):
+        unmerged. A layer that changes its base at construction (an initialisation that rewrites W0) gives
+        that back here too."""
+        self.unmerge()
+        return self.base
+
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"

@@ -70,6 +70,9 @@ class Bottleneck(AdaptedLayer):
     def unmerge(self) -> None:
         self._update_matrix()
 
+    def release(self) -> nn.Module:
+        return self.base  # never merged
+
     def extra_repr(self) -> str:
         return f"d={self.out_features}, r={self.rank}, nonlinearity={self.nonlinearity}"
 
