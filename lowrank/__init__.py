@@ -7,6 +7,7 @@ The public API is small and framework-free (no Hydra, W&B or datasets import her
         layer.delta_weight()            # ΔW, float32, (out_features, in_features)
     lowrank.save_adapter(model, "run/adapter")   # safetensors + JSON config
     lowrank.save_peft(model, "run/peft")         # PEFT's on-disk format (LoRA, DoRA)
+    lowrank.remove_adapters(model)               # the base model again (PEFT's unload; or merge_and_unload)
 
 Everything experiment-shaped (Hydra app, data, training loop, results) lives in submodules that are
 imported on demand: ``lowrank.runner.app``, ``lowrank.runner.train``, ``lowrank.runner.data``, ``lowrank.runner.models``,
@@ -22,7 +23,9 @@ from lowrank.core import (
     fold,
     merge_adapters,
     merge_and_unload,
+    remove_adapters,
     trainable_state_dict,
+    unload,
     unmerge_adapters,
 )
 from lowrank.io import load_adapter, read_adapter, save_adapter
@@ -38,6 +41,8 @@ __all__ = [
     "fold",
     "merge_adapters",
     "merge_and_unload",
+    "remove_adapters",
+    "unload",
     "unmerge_adapters",
     "trainable_state_dict",
     "save_adapter",

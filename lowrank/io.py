@@ -23,11 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank.adapters import spec as adapter_spec
 from lowrank.atomic import atomic_path, write_json
-from lowrank.adapters.lora import initial_factors, restore_pretrained
-from lowrank.core import CONFIG_ATTR, _replace, adapt, adapted_modules, adapter_config, trainable_state_dict
-from lowrank.targeting import Target
+from lowrank.adapters.lora import initial_factors
+from lowrank.core import (CONFIG_ATTR, _refuse_adapted, adapt, adapted_modules, adapter_config, remove_adapters,
+                          trainable_state_dict)
 
 FORMAT = "lowrank-adapter/1"
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -99,25 +98,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 
 @contextmanager
 def loading(model: nn.Module):
-    """Adapt-and-load as one step: if anything inside fails, unwrap the layers it wrapped, restore every
-    ``requires_grad`` flag and drop the adapter config, so the model is exactly as it was (a load only
-    copies weights after every check has passed)."""
-    if getattr(model, CONFIG_ATTR, None) is not None:
-        raise ValueError(f"model is already adapted with {getattr(model, CONFIG_ATTR)['adapter']!r}; load into a "
-                         f"fresh copy of the base model")
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    before = set(map(id, adapted_modules(model).values()))
+    """Adapt-and-load as one step: if anything inside fails, the adapter comes off again
+    (``lowrank.remove_adapters``: base layers, hooks, config values and ``requires_grad`` flags as they were),
+    so the model is exactly as it was (a load only copies weights after every check has passed)."""
+    _refuse_adapted(model, "a load")
     try:
         yield model
     except BaseException:
-        for name, layer in adapted_modules(model).items():
-            if id(layer) not in before:
-                restore_pretrained(layer)  # an init from W (PiSSA...) left the residual in the base
-                _replace(model, name, layer.base)
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), p.requires_grad))
-        if hasattr(model, CONFIG_ATTR):
-            delattr(model, CONFIG_ATTR)
+        if getattr(model, CONFIG_ATTR, None) is not None:
+            remove_adapters(model)  # an init from W (PiSSA...) puts W0 back: LoRA.release
         raise
 
 
@@ -144,29 +133,14 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
             params[name].copy_(value)
 
 
-def apply_patterns(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float]) -> None:
-    """Rebuild the adapted modules named in ``ranks``/``alphas`` with their own rank and α (PEFT's
-    ``rank_pattern``/``alpha_pattern``), and record both on the model's adapter config."""
-    if not ranks and not alphas:
-        return
-    config = getattr(model, CONFIG_ATTR)
-    spec, layers = adapter_spec(config["adapter"]), adapted_modules(model)
-    for name in sorted(set(ranks) | set(alphas)):
-        rank = ranks.get(name, config["rank"])
-        alpha = alphas.get(name, config["alpha"])  # None: α = this module's r, as adapt does
-        target = Target(name, layers[name].base)
-        _replace(model, name, spec.build(target, rank, alpha, config["options"]))
-    config["rank_pattern"], config["alpha_pattern"] = dict(ranks), dict(alphas)
-
-
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Adapt a fresh base ``model`` as the saved adapter was, and load its weights; on any mismatch the
     model is left as it was."""
     config, tensors = read_adapter(path)
     with loading(model):
         adapt(model, config["adapter"], targets=config["targets"], rank=config["rank"], alpha=config["alpha"],
-              layers=config["layers"], train_modules=config["train_modules"], **config["options"])
-        apply_patterns(model, config.get("rank_pattern") or {}, config.get("alpha_pattern") or {})
+              layers=config["layers"], train_modules=config["train_modules"],
+              rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"), **config["options"])
         wrapped = adapter_config(model)["modules"]
         saved = config.get("modules", wrapped)
         for ours, theirs, what in ((wrapped, saved, "adapts"), (saved, wrapped, "holds")):

@@ -37,8 +37,8 @@ from torch import nn
 from lowrank.adapters import DoRA, FusedLoRA, LoRA, layer_kind
 from lowrank.adapters.lora import converted_factors
 from lowrank.atomic import write_json
-from lowrank.core import adapt, adapted_modules, adapter_config, trainable_state_dict
-from lowrank.io import apply_patterns, load_into, load_tensors, loading, read_json, save_tensors, weights_file
+from lowrank.core import adapt, adapted_modules, adapter_config, pattern_key, trainable_state_dict
+from lowrank.io import load_into, load_tensors, loading, read_json, save_tensors, weights_file
 
 PEFT_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX = "adapter_model.safetensors", "adapter_config.json", "base_model.model."
 LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|lora_embedding_A|lora_embedding_B)")
@@ -235,13 +235,9 @@ def peft_targets(model: nn.Module, config: dict, source: str) -> list[str]:
 
 
 def _pattern(patterns: dict, names: list[str]) -> dict:
-    """``{module: value}`` for the modules a PEFT rank/alpha pattern covers (its first matching key)."""
-    out = {}
-    for name in names:
-        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
-        if key is not None:
-            out[name] = patterns[key]
-    return out
+    """``{module: value}`` for the modules a PEFT rank/alpha pattern covers (its first matching key); keys
+    that cover none of them, which PEFT ignores, are left out."""
+    return {name: patterns[key] for name in names if (key := pattern_key(patterns, name)) is not None}
 
 
 def _from_peft(model: nn.Module, raw: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -294,8 +290,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with loading(model):
         adapt(model, "dora" if config.get("use_dora") else "lora", targets=names, rank=config["r"],
               alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-              rslora=bool(config.get("use_rslora")), train_modules=heads)
-        apply_patterns(model, _pattern(config.get("rank_pattern") or {}, names),
-                       _pattern(config.get("alpha_pattern") or {}, names))
+              rslora=bool(config.get("use_rslora")), train_modules=heads,
+              rank_pattern=_pattern(config.get("rank_pattern") or {}, names),
+              alpha_pattern=_pattern(config.get("alpha_pattern") or {}, names))
         load_into(model, _from_peft(model, raw, str(path)), str(path), complete=True)
     return model

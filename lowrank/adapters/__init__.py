@@ -18,7 +18,10 @@ An entry (``AdapterSpec``) says what the method is and how to handle it everywhe
   methods where it is True.
 
 Adding a method: a module here with its layer and ``build``, an entry below (stating ``has_delta``), ``conf/adapter/<name>.yaml``
-naming its source, and a float64 reference test.
+naming its source, and a float64 reference test. It must come off again (``lowrank.remove_adapters``,
+checked for every entry by tests/test_removal.py): a layer that changes its base overrides
+``AdaptedLayer.release``; an injection keeps what it hooked or changed on its ``Injected`` module, whose
+``remove`` gives it back.
 """
 
 from __future__ import annotations

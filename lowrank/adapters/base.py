@@ -10,6 +10,10 @@ layout, ΔW is exchanged as a matrix in the ``(out_features, in_features)`` layo
 - ``Conv2d``: ``weight`` is ``(out, in/groups, kh, kw)``, the matrix is ``weight.flatten(1)``;
 - ``Embedding``: ``weight`` is ``(num_embeddings, dim)``, a linear map from one-hot ids, so the matrix
   is ``weight.T`` with ``in = num_embeddings`` and ``out = dim`` (PEFT's convention too).
+
+``as_matrix`` is the one place that knows these layouts (``to_native`` is its inverse): the layout of a
+weight is read from its layer's kind, never guessed from its shape (a square GPT-2 ``Conv1D`` looks the
+same either way round).
 """
 
 from __future__ import annotations
@@ -47,14 +51,21 @@ def features(base: nn.Module, kind: str) -> tuple[int, int]:
     return w.shape[0], w.shape[1]  # embedding
 
 
+def as_matrix(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """A weight stored in the layout of a ``kind`` layer (``layer_kind``) as its ``(out, in)`` matrix: a
+    view, never a copy. Works on any tensor of that layout: the live weight, a saved or trained copy."""
+    if kind not in KINDS:
+        raise ValueError(f"layer kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
+    if kind in ("conv1d", "embedding"):
+        return weight.t()
+    if kind == "conv2d":
+        return weight.flatten(1)
+    return weight
+
+
 def weight_matrix(base: nn.Module, kind: str) -> torch.Tensor:
     """The base weight as an ``(out, in)`` matrix: a view, never a copy."""
-    w = base.weight
-    if kind in ("conv1d", "embedding"):
-        return w.t()
-    if kind == "conv2d":
-        return w.flatten(1)
-    return w
+    return as_matrix(base.weight, kind)
 
 
 def to_native(base: nn.Module, kind: str, matrix: torch.Tensor) -> torch.Tensor:
@@ -64,11 +75,6 @@ def to_native(base: nn.Module, kind: str, matrix: torch.Tensor) -> torch.Tensor:
     if kind == "conv2d":
         return matrix.reshape(base.weight.shape)
     return matrix
-
-
-def channel_dim(kind: str) -> int:
-    """The dimension of the base layer's output that indexes output features."""
-    return 1 if kind == "conv2d" else -1
 
 
 def per_channel(vector: torch.Tensor, kind: str, ndim: int) -> torch.Tensor:
@@ -125,6 +131,9 @@ class AdaptedLayer(nn.Module):
     """
 
     adapter_name: str = "adapter"
+    #: Whether ``merge`` folds the adapter into the base weight (False: the bottleneck adapters, no ΔW).
+    mergeable: bool = True
+    adds: str = "an update"  # what it adds, for the line that refuses to merge an unmergeable one
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -180,6 +189,13 @@ class AdaptedLayer(nn.Module):
         w = self.base.weight
         w.sub_(to_native(self.base, self.kind, self._update_matrix().to(w.dtype)))
         self.merged = False
+
+    def release(self) -> nn.Module:
+        """The base layer as it was before this layer wrapped it (``lowrank.remove_adapters`` puts it back):
+        unmerged. A layer that changes its base at construction (an initialisation that rewrites W0) gives
+        that back here too."""
+        self.unmerge()
+        return self.base
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}, merged={self.merged}"

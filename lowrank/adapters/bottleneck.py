@@ -35,6 +35,8 @@ class Bottleneck(AdaptedLayer):
     """``base(x)`` followed by a residual bottleneck adapter."""
 
     adapter_name = "bottleneck"
+    mergeable = False
+    adds = "a bottleneck module after its layer"
 
     def __init__(self, base: nn.Module, rank: int, *, nonlinearity: str = "swish", init_std: float = 0.01):
         super().__init__(base)
@@ -67,6 +69,9 @@ class Bottleneck(AdaptedLayer):
 
     def unmerge(self) -> None:
         self._update_matrix()
+
+    def release(self) -> nn.Module:
+        return self.base  # never merged
 
     def extra_repr(self) -> str:
         return f"d={self.out_features}, r={self.rank}, nonlinearity={self.nonlinearity}"

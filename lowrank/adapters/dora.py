@@ -128,11 +128,6 @@ class DoRA(LoRA):
         directional = w0 + super()._update_matrix()
         return self.magnitude[:, None] * directional / directional.norm(dim=1, keepdim=True) - w0
 
-    def lora_delta_weight(self) -> torch.Tensor:
-        """The low-rank directional update sBA alone (float32, (out, in))."""
-        with torch.no_grad():
-            return super()._update_matrix().float()
-
     def _weight_scaling_applies(self, x: torch.Tensor) -> bool:
         """Fold the scale into the weights (``_ScaledLinear``)? Only where it is the same function and the
         same gradients: training, detached norm, no dropout, a frozen plain matmul layer, and no autocast

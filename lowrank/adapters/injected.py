@@ -8,6 +8,10 @@ embeddings, the training step). They have no ΔW of a weight matrix: the weight 
 ``Injected.fold()`` replaces a training-time reparameterisation (Prefix-Tuning's MLP, P-Tuning's prompt
 encoder) by the values it produces — the same function, fewer parameters — and returns the adapter
 options that rebuild the folded form (``lowrank.fold`` records them in the model's adapter config).
+
+Every injection can be taken off again (``detach``, which ``lowrank.remove_adapters`` calls): the module
+keeps the handles of the hooks it registered and the model settings it changed, and ``remove(model)``
+gives them back; it is attached before it changes anything, so a half-done injection is undone too.
 """
 
 from __future__ import annotations
@@ -27,10 +31,18 @@ class Injected(nn.Module):
 
     adapter_name = "injected"
     folded = True
+    #: Whether plain base weights keep the adapted function once this module is gone (``merge_and_unload``):
+    #: False for tokens and attention prefixes, True for a schedule of which base weights train.
+    mergeable = False
+    #: What the method adds, for the line that refuses to merge it.
+    adds = "tokens"
 
     def fold(self) -> dict:
         """Fold a reparameterisation away (exact); returns option overrides for the folded form."""
         return {}
+
+    def remove(self, model: nn.Module) -> None:
+        """Undo what the injection did to ``model`` besides attaching this module (hooks, settings)."""
 
 
 def attach(model: nn.Module, module: Injected) -> Injected:
@@ -42,6 +54,14 @@ def attach(model: nn.Module, module: Injected) -> Injected:
 def injected_module(model: nn.Module) -> Injected | None:
     found = getattr(model, INJECTED_ATTR, None)
     return found if isinstance(found, Injected) else None
+
+
+def detach(model: nn.Module) -> None:
+    """Take the injected module off ``model`` with everything it hooked or changed (no-op without one)."""
+    injected = injected_module(model)
+    if injected is not None:
+        injected.remove(model)
+        delattr(model, INJECTED_ATTR)
 
 
 def attention_modules(model: nn.Module, layers=None) -> list[tuple[int, nn.Module]]:

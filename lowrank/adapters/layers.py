@@ -29,6 +29,7 @@ class BlockSchedule(Injected):
     """Holds no parameters; unfreezes blocks ``order[:n]`` where ``n`` depends on the step."""
 
     adapter_name = "layers"
+    mergeable = True  # the trained blocks are the model's own weights
 
     def __init__(self, blocks: list[nn.Module], every: int):
         super().__init__()

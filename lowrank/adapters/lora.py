@@ -104,6 +104,12 @@ class LoRA(AdaptedLayer):
             w = w + (self.lora_B0 @ self.lora_A0) * self.scaling
         return w
 
+    def release(self) -> nn.Module:
+        """The base as before ``adapt``: unmerged, and W0 put back after an init from W (PiSSA, MiLoRA, OLoRA)."""
+        self.unmerge()
+        restore_pretrained(self)
+        return self.base
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 

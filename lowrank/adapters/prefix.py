@@ -15,9 +15,15 @@ the layer's prefix to the keys and values (after rotary embeddings, as cached ke
 extends the attention mask so that every query (causal or not, padded or not) sees the whole prefix.
 Grouped-query attention gets one prefix per key/value head. Positions of the real tokens are not
 shifted by P (they would be under ``past_key_values``); prefixes carry no position.
+
+``PrefixEncoder.remove`` gives the model back its own attention: the attention modules' prefix slots go,
+every config's ``_attn_implementation`` gets its earlier value, and the ``lowrank_prefix`` registration is
+dropped once no model in the process carries prefixes.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +33,20 @@ from lowrank.adapters.injected import Injected, attach, attention_modules
 
 ATTENTION = "lowrank_prefix"
 _SLOT = "_lowrank_prefix_slot"
+#: Encoders installed on a model: ``ATTENTION`` stays registered with transformers while any of them lives.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
 class PrefixEncoder(Injected):
     """The prefixes of ``layers`` attention layers: ``values(i)`` → (key, value), each (heads, P, head_dim)."""
 
     adapter_name = "prefix"
+    adds = "key/value prefixes"
 
     def __init__(self, layers: int, length: int, kv_heads: int, head_dim: int, d_model: int, *,
                  reparam: bool = True, hidden: int = 512, device=None):
         super().__init__()
+        self.restore = []  # [(a config, its _attn_implementation before install)], for ``remove``
         if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
             raise ValueError(f"length={length!r} is not a positive integer; pass e.g. length=20 prefix vectors")
         self.layers, self.length, self.kv_heads, self.head_dim = layers, length, kv_heads, head_dim
@@ -71,6 +81,34 @@ class PrefixEncoder(Injected):
             self.prefix = nn.Parameter(full)
             self.folded = True
         return {"reparam": False}
+
+    def install(self, model: nn.Module, attention: list[nn.Module]) -> None:
+        """Route ``attention``'s calls through ``prefix_attention`` with this encoder's prefixes."""
+        configs = _configs(model.config)
+        self.restore = [(config, config._attn_implementation) for config in configs]
+        for slot, module in enumerate(attention):
+            module.__dict__[_SLOT] = (self, slot)  # a plain reference: the parameters live on the model once
+        _register()
+        _LIVE.add(self)
+        for config in configs:  # composite configs share the setting
+            config._attn_implementation = ATTENTION
+
+    def remove(self, model: nn.Module) -> None:
+        for module in model.modules():
+            if module.__dict__.get(_SLOT, (None,))[0] is self:
+                del module.__dict__[_SLOT]
+        for config, value in self.restore:  # parents first: a config's setter also sets its sub-configs
+            config._attn_implementation = value
+        self.restore = []
+        _LIVE.discard(self)
+        if not _LIVE:
+            _unregister()
+
+    def __setstate__(self, state) -> None:  # a copy of an adapted model (deepcopy, pickle) needs the registration
+        super().__setstate__(state)
+        if self.restore:
+            _register()
+            _LIVE.add(self)
 
     def extra_repr(self) -> str:
         return f"layers={self.layers}, length={self.length}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, " \
@@ -115,6 +153,32 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+def _unregister() -> None:
+    """Drop ``ATTENTION`` from transformers' process-wide registries (``GeneralInterface`` has no public
+    unregister; its class-level mapping is where ``register`` puts it)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        getattr(interface, "_global_mapping", {}).pop(ATTENTION, None)
+
+
+def _configs(config) -> list:
+    """``config`` and its sub-configs (``sub_configs``, and ``text_config``/``encoder``/``decoder``), parents
+    first, each once."""
+    found, todo = [], [config]
+    while todo:
+        current = todo.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        for name in (*getattr(current, "sub_configs", {}), "text_config", "encoder", "decoder"):
+            sub = getattr(current, name, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                todo.append(sub)
+    return found
+
+
 def _shape(model: nn.Module) -> tuple[int, int, int]:
     """``(d_model, key/value heads, head_dim)`` from the model's config."""
     config = model.config
@@ -133,14 +197,9 @@ def inject(model: nn.Module, *, targets, layers, rank, options: dict, reparam_de
     encoder = PrefixEncoder(len(found), options.get("length", 20), kv_heads, head_dim, d_model,
                             reparam=options.get("reparam", reparam_default), hidden=options.get("hidden", 512),
                             device=device)
-    for slot, (_, attention) in enumerate(found):
-        attention.__dict__[_SLOT] = (encoder, slot)  # a plain reference: the parameters live on the model once
-    _register()
-    model.config._attn_implementation = ATTENTION
-    for sub in ("text_config", "encoder", "decoder"):  # composite configs share the setting
-        if hasattr(model.config, sub) and hasattr(getattr(model.config, sub), "_attn_implementation"):
-            getattr(model.config, sub)._attn_implementation = ATTENTION
-    return attach(model, encoder)
+    attach(model, encoder)  # first: whatever install changes, removing the encoder gives back
+    encoder.install(model, [attention for _, attention in found])
+    return encoder
 
 
 def inject_prefix(model, targets=None, layers=None, rank=None, options=None):

@@ -41,6 +41,7 @@ class SoftPrompt(Injected):
                  hidden: int | None = None):
         super().__init__()
         self.length, self.insert_at, self.encoder_kind = length, insert_at, encoder
+        self.handles = []  # the model's forward hooks that insert the prompt (``remove`` takes them off)
         self.folded = encoder is None
         if encoder is None:
             self.prompt = nn.Parameter(init.clone())
@@ -76,6 +77,11 @@ class SoftPrompt(Injected):
             self.prompt = nn.Parameter(values)
             self.folded = True
         return {"encoder": None}
+
+    def remove(self, model: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def extra_repr(self) -> str:
         return f"length={self.length}, insert_at={self.insert_at}, encoder={self.encoder_kind}"
@@ -158,8 +164,8 @@ def inject(model: nn.Module, *, options: dict, encoder_default: str | None) -> S
     prompt = SoftPrompt(length, embedding.weight.shape[1], insert_at=1 if _cls_first(model) else 0,
                         init=_initial(embedding, length, options), encoder=encoder, hidden=options.get("hidden"))
     attach(model, prompt)
-    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    model.register_forward_hook(_post_hook, with_kwargs=True)
+    prompt.handles.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    prompt.handles.append(model.register_forward_hook(_post_hook, with_kwargs=True))
     return prompt
 
 

@@ -82,6 +82,7 @@ def check_targets(cfg: DictConfig, model_config) -> None:
     try:
         kwargs = adapt_kwargs(cfg)
         lowrank.adapt(skeleton, kwargs.pop("adapter"), **kwargs)
+        lowrank.remove_adapters(skeleton)  # it shares model_config, whose values a method may change (prefix)
     except ValueError as e:
         message = str(e) if "fix:" in str(e) or "; " not in str(e) else str(e).replace("; ", "; fix: ", 1)
         raise ConfigError(f"model={cfg.model.name} adapter={cfg.adapter.name}: {message}") from None

@@ -127,10 +127,12 @@ class Run:
             if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each
                 return {name: (e["scaling"] * (e["B"].double() @ e["A"].double())).float() for name, e in f.items()}
         if not method.wraps:  # trained base weights (full fine-tuning): ΔW = W − W0
+            from lowrank.adapters.base import as_matrix, layer_kind
+
             _, tensors = _read_adapter(self.dir)
-            base = self.base_weights()
-            return {name: _matrix_like(tensors[f"{name}.weight"], w0) - w0 for name, w0 in base.items()
-                    if f"{name}.weight" in tensors}
+            base, model = self.base_weights(), _base_model(self.config)
+            return {name: as_matrix(tensors[f"{name}.weight"].float(), layer_kind(model.get_submodule(name))) - w0
+                    for name, w0 in base.items() if f"{name}.weight" in tensors}
         import lowrank
 
         model = self._adapted_model()
@@ -203,12 +205,6 @@ def _read_adapter(run_dir: Path):
     from lowrank import read_adapter
 
     return read_adapter(run_dir / ADAPTER)
-
-
-def _matrix_like(native: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A saved weight in its module's layout -> the (out, in) matrix with ``like``'s shape."""
-    native = native.float()
-    return native if native.shape == like.shape else native.t()
 
 
 def _load_base(config: dict):
