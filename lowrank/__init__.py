@@ -25,6 +25,7 @@ from lowrank.core import (
     trainable_state_dict,
     unmerge_adapters,
 )
+from lowrank.hooks import training_hooks
 from lowrank.io import load_adapter, read_adapter, save_adapter
 from lowrank.peft_format import load_peft, save_peft
 
@@ -45,5 +46,6 @@ __all__ = [
     "read_adapter",
     "save_peft",
     "load_peft",
+    "training_hooks",
 ]
 __version__ = "0.3.0"
