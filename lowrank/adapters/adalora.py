@@ -210,11 +210,13 @@ class RankAllocator:
         self.init_budget = sum(layer.rank for layer in layers.values())
         self.target_budget = sum(layer.target_rank for layer in layers.values())
         self.total = total_steps
-        if total_steps is not None:
+        if total_steps is not None and layers:
             self.tinit, self.tfinal = _steps(o["tinit"], total_steps, "tinit"), _steps(o["tfinal"], total_steps, "tfinal")
             if self.tinit >= total_steps - self.tfinal:
                 raise ValueError(f"tinit={self.tinit} and tfinal={self.tfinal} leave no step of {total_steps} to "
                                  f"allocate ranks in; lower them (AdaLoRA needs tinit < total_steps - tfinal)")
+            if config is not None:  # what PEFT's format records of the schedule (total_step, tinit, tfinal)
+                config["total_steps"], config["schedule_steps"] = total_steps, [self.tinit, self.tfinal]
 
     # ---- the loss ----------------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor | float:
