@@ -69,12 +69,12 @@ ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
     AdapterSpec("dora", "DoRA", "DoRA, Liu et al. 2024 (arXiv 2402.09353): m (W0 + ΔW) / ‖W0 + ΔW‖_c",
                 uses_rank=True, options=("dropout", "rslora", "dora_norm", "dora_fast", "allocate", *adalora.ALLOCATION),
                 build=adalora.build_dora, read_factors=adalora.read_factors, hooks=adalora.hooks, has_delta=True),
-    AdapterSpec("adalora", "AdaLoRA", "AdaLoRA, Zhang et al. 2023 (arXiv 2303.10512): W0 + s·P Λ Q, ranks allocated "
-                "by importance", uses_rank=True, options=adalora.OPTIONS, build=adalora.build,
-                read_factors=adalora.read_factors, delta_from_factors=True, hooks=adalora.hooks, has_delta=True),
     AdapterSpec("flora", "FLoRA", "FLoRA, Si et al. 2024 (arXiv 2405.14739): Tucker core, s · G ×1 A_in ×2 A_out "
                 "(×3 ×4 for convs)", uses_rank=True, options=("dropout", "scale", "ranks"), build=flora.build,
                 read_factors=flora.read_factors, delta_from_factors=True, has_delta=True),
+    AdapterSpec("adalora", "AdaLoRA", "AdaLoRA, Zhang et al. 2023 (arXiv 2303.10512): W0 + s·P Λ Q, ranks allocated "
+                "by importance", uses_rank=True, options=adalora.OPTIONS, build=adalora.build,
+                read_factors=adalora.read_factors, delta_from_factors=True, hooks=adalora.hooks, has_delta=True),
     AdapterSpec("ia3", "(IA)³", "(IA)³, Liu et al. 2022 (arXiv 2205.05638): learned rescaling of k, v and the "
                 "FFN activation", options=("feedforward",), default_targets=("k", "v", "down"), build=ia3.build,
                 has_delta=True),
