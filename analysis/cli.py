@@ -8,6 +8,7 @@
     decomposition  DoRA Fig. 2   ΔM vs ΔD over checkpoints, one panel per method (FT, LoRA, DoRA, ...)
     tables         LoRA Tables 5-6  metric by adapted matrices (budget-matched) and by rank
     spectrum       LoRA §4.1     ΔW's singular values: energy in the top r, effective rank (FT vs LoRA/DoRA)
+    ranks          AdaLoRA Fig. 4  AdaLoRA's final rank per layer × matrix beside FT's effective rank of ΔW
 
 subspace, seeds, layers and wsubspace read the low-rank factors A, B (lora, dora, flora); amplification,
 decomposition and spectrum read ΔW = W − W0 (lora, dora, flora, ia3, full, top, gradual: the registry's
@@ -49,6 +50,7 @@ ANALYSES = {
     "tables": (_command("tables", "tables"), "LoRA Tables 5-6 from a sweep's aggregate table"),
     "costs": (_command("costs", "costs"), "Cost model: predicted vs measured memory per method, stacked bars"),
     "spectrum": (_command("spectrum", "spectrum"), "ΔW's singular values, energy in the top r, effective rank"),
+    "ranks": (_command("ranks", "ranks"), "AdaLoRA Figure 4: final rank per layer × matrix beside FT's effective rank"),
 }
 
 
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "tables":
             s.add_argument("--base-model", default=None,
                            help="base model of PEFT adapter folders (default: their base_model_name_or_path)")
-        if name not in ("decomposition", "tables", "spectrum"):
+        if name not in ("decomposition", "tables", "spectrum", "ranks"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "layers"):
             s.add_argument("--factor", choices=["A", "B", "dW"], default="A",

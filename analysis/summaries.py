@@ -15,7 +15,7 @@ from typing import ClassVar, TypeVar
 from lowrank.atomic import write_json
 
 __all__ = ["Summary", "SubspaceSummary", "SeedsSummary", "LayersSummary", "WSubspaceSummary",
-           "AmplificationSummary", "DecompositionSummary", "TablesSummary", "SpectrumSummary",
+           "AmplificationSummary", "DecompositionSummary", "TablesSummary", "SpectrumSummary", "RanksSummary",
            "write_summary", "load_summary", "summary_path"]
 
 S = TypeVar("S", bound="Summary")
@@ -174,6 +174,18 @@ class SpectrumSummary(Summary):
     effective_rank: dict[str, float]                     # label → median entropy effective rank
     stable_rank: dict[str, float]                        # label → median ‖ΔW‖_F² / σ1²
     figure: str = "ΔW spectrum (LoRA §4.1, §7)"
+
+
+@dataclass
+class RanksSummary(Summary):
+    """AdaLoRA's final rank per layer × matrix beside full fine-tuning's effective rank of ΔW (AdaLoRA Fig. 4)."""
+
+    analysis: ClassVar[str] = "ranks"
+    runs: dict[str, str]                                 # panel title → run dir
+    seed: int | None
+    total: dict[str, float]                              # panel → Σ over modules (AdaLoRA: the final budget)
+    by_kind: dict[str, dict[str, float]]                 # panel → {matrix kind: Σ over layers}
+    figure: str = "AdaLoRA Figure 4 (final ranks) beside FT's effective rank"
 
 
 def summary_path(sweep_or_out: str | Path, analysis: str) -> Path:

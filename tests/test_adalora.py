@@ -253,3 +253,33 @@ def test_a_resumed_run_continues_with_the_same_importance_and_masks(tmp_path):
         for key in ("lora_Q", "lora_E", "lora_P", "rank_mask", "sensitivity_lora_E", "uncertainty_lora_Q"):
             assert torch.equal(getattr(a, key), getattr(b, key)), (name, key)
     assert straight[3].ranks() == resumed[3].ranks() and sum(straight[3].ranks().values()) == 2 * 4
+
+
+# ---- through the runner and the analysis ---------------------------------------------------------------------
+
+def test_sweep_records_final_ranks_and_the_ranks_analysis_draws_them(tiny_bert, tiny_data, tmp_path):
+    import json
+
+    from conftest import run_cli, tiny_args
+
+    from analysis.cli import main
+    from analysis.commands.ranks import grid
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "adapter=adalora,full", "rank=2", "trainer.max_steps=8",
+                   *tiny_args(tiny_bert), f"hydra.sweep.dir={sweep}", data_dir=tiny_data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next(p for p in sweep.iterdir() if p.name.startswith("adapter=adalora"))
+    result = json.loads((run / "result.json").read_text())
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    ranks = result["allocated_ranks"]
+    assert ranks == config["allocated_ranks"] and set(ranks) == set(config["modules"])
+    assert sum(ranks.values()) == 2 * len(ranks)          # b(T) = target rank × modules
+    assert main(["ranks", str(sweep), "--wandb", "off", "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "ranks" / "summary.json").read_text())
+    assert summary["total"]["AdaLoRA r=2: final rank"] == 2 * len(ranks)
+    assert (tmp_path / "out" / "ranks" / "ranks.png").stat().st_size > 0
+    # the grid puts each module in its (matrix, layer) cell
+    kinds, layers, values = grid({"bert.encoder.layer.1.attention.self.value": 3, "bert.encoder.layer.0.attention.self.query": 5})
+    assert kinds == ["q", "v"] and layers == [0, 1]
+    np.testing.assert_array_equal(values, [[5, np.nan], [np.nan, 3]])
