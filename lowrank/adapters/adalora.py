@@ -41,7 +41,7 @@ from torch import nn
 
 from lowrank.adapters import dora as dora_module
 from lowrank.adapters.base import AdaptedLayer, check_rank_fits, no_slices
-from lowrank.adapters.dora import NORMS, DoRA, _plain_matmul_layer
+from lowrank.adapters.dora import DoRA
 from lowrank.adapters.lora import LoRA, _dropout
 from lowrank.adapters.lora import read_factors as lora_read_factors
 
@@ -71,7 +71,9 @@ class AdaLoRA(LoRA):
     adapter_name = "adalora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *, target_rank: int | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, rslora: bool = False):
+        if rslora:
+            raise ValueError("rslora=True does not apply to AdaLoRA, whose scale is α/(r + 1e-5) as in PEFT; drop it")
         AdaptedLayer.__init__(self, base)
         if self.kind == "embedding":
             raise ValueError("AdaLoRA on an nn.Embedding is not supported (nor in PEFT); adapt it with 'lora'")
@@ -108,23 +110,18 @@ class AdaLoRA(LoRA):
         return f"{super().extra_repr()}, target_rank={self.target_rank}"
 
 
-class AdaDoRA(AdaLoRA, DoRA):
-    """DoRA whose directional update is AdaLoRA's P Λ Q (``adapter=dora adapter.options.allocate=adalora``)."""
+class AdaDoRA(DoRA, AdaLoRA):
+    """DoRA whose directional update is AdaLoRA's P Λ Q (``adapter=dora adapter.options.allocate=adalora``): DoRA's
+    forward, norm and merge (``DoRA`` first in the MRO) read ``lora_A``/``lora_B`` from AdaLoRA's triplet."""
 
     adapter_name = "dora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *, target_rank: int | None = None,
                  dropout: float = 0.0, norm: str = "detached", fast: bool = True):
-        if norm not in NORMS:
-            raise ValueError(f"dora_norm={norm!r} is not one of {NORMS}; use 'detached' (DoRA §4.3) or 'exact'")
-        AdaLoRA.__init__(self, base, rank, alpha, target_rank=target_rank, dropout=dropout)
-        # DoRA's own state (lowrank/adapters/dora.py ``DoRA.__init__``): m = ‖W0‖_c, ‖W0‖² cached per row
-        self.norm = norm
-        self.fast = fast and _plain_matmul_layer(base)
-        w0 = self.base_matrix().detach().float()
-        self.magnitude = nn.Parameter(w0.norm(dim=1))
-        self.register_buffer("_w0_sq", w0.square().sum(1), persistent=False)
-        self.register_buffer("_merge_scale", None, persistent=False)
+        target_rank = rank if target_rank is None else target_rank
+        DoRA.__init__(self, base, rank, float(target_rank if alpha is None else alpha), dropout=dropout, norm=norm,
+                      fast=fast)
+        self.target_rank = target_rank
 
 
 # ---- the registry's constructors -----------------------------------------------------------------------
