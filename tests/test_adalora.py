@@ -275,6 +275,15 @@ def test_sweep_records_final_ranks_and_the_ranks_analysis_draws_them(tiny_bert, 
     ranks = result["allocated_ranks"]
     assert ranks == config["allocated_ranks"] and set(ranks) == set(config["modules"])
     assert sum(ranks.values()) == 2 * len(ranks)          # b(T) = target rank × modules
+    from lowrank.runner.results import load_run
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run / "adapter" / "adapter.safetensors"))
+    for module, delta in load_run(run).deltas().items():       # the results API's ΔW: s·P diag(λ) Q in float64
+        P, E, Q = (tensors[f"{module}.lora_{n}"].double() for n in "PEQ")
+        expected = config["scaling"][module] * P @ torch.diag(E[:, 0]) @ Q
+        torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-7)
+        assert torch.linalg.matrix_rank(expected).item() <= ranks[module]
     assert main(["ranks", str(sweep), "--wandb", "off", "--out", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "ranks" / "summary.json").read_text())
     assert summary["total"]["AdaLoRA r=2: final rank"] == 2 * len(ranks)

@@ -124,6 +124,24 @@ class AdaDoRA(DoRA, AdaLoRA):
         self.target_rank = target_rank
 
 
+def allocation_options(options: dict) -> dict:
+    """The allocation options with their defaults, each checked (one line naming the bad value)."""
+    o = {**ALLOCATION, **{k: v for k, v in options.items() if k in ALLOCATION and v is not None}}
+    for key in ("beta1", "beta2"):
+        if isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or not 0 < o[key] < 1:
+            raise ValueError(f"{key}={o[key]!r} must be in (0, 1); AdaLoRA uses 0.85")
+    if o["orth_reg"] not in ORTH_FORMS:
+        raise ValueError(f"orth_reg={o['orth_reg']!r} is not one of {ORTH_FORMS}; use 'code' (PEFT) or 'paper'")
+    if isinstance(o["orth_reg_weight"], bool) or not isinstance(o["orth_reg_weight"], (int, float)) \
+            or o["orth_reg_weight"] < 0:
+        raise ValueError(f"orth_reg_weight={o['orth_reg_weight']!r} must be a number >= 0; e.g. 0.5")
+    if isinstance(o["deltaT"], bool) or not isinstance(o["deltaT"], int) or o["deltaT"] < 1:
+        raise ValueError(f"deltaT={o['deltaT']!r} must be a positive number of steps; e.g. deltaT=10")
+    for key in ("tinit", "tfinal"):
+        _steps(o[key], 1, key)
+    return o
+
+
 # ---- the registry's constructors -----------------------------------------------------------------------
 
 def _layer_kwargs(rank: int, options: dict) -> dict:
@@ -131,6 +149,7 @@ def _layer_kwargs(rank: int, options: dict) -> dict:
 
 
 def build(target, rank: int, alpha: float | None, options: dict) -> AdaLoRA:
+    allocation_options(options)
     no_slices("adalora", target)
     init = initial_rank(rank, options.get("init_r"))
     check_rank_fits(init, target)
@@ -144,6 +163,7 @@ def build_dora(target, rank: int, alpha: float | None, options: dict) -> DoRA:
         return dora_module.build(target, rank, alpha, options)
     if allocate != "adalora":
         raise ValueError(f"allocate={allocate!r} is not an allocation; use allocate=adalora or leave it unset")
+    allocation_options(options)
     no_slices("dora", target)
     init = initial_rank(rank, options.get("init_r"))
     check_rank_fits(init, target)
@@ -192,16 +212,7 @@ class RankAllocator:
 
     def __init__(self, layers: dict[str, AdaLoRA], options: dict, total_steps: int | None, config: dict | None):
         self.layers, self.config = layers, config
-        o = {**ALLOCATION, **{k: v for k, v in options.items() if k in ALLOCATION and v is not None}}
-        for key in ("beta1", "beta2"):
-            if not 0 < o[key] < 1:
-                raise ValueError(f"{key}={o[key]!r} must be in (0, 1); AdaLoRA uses 0.85")
-        if o["orth_reg"] not in ORTH_FORMS:
-            raise ValueError(f"orth_reg={o['orth_reg']!r} is not one of {ORTH_FORMS}; use 'code' (PEFT) or 'paper'")
-        if o["orth_reg_weight"] < 0:
-            raise ValueError(f"orth_reg_weight={o['orth_reg_weight']!r} must be >= 0; e.g. 0.5")
-        if isinstance(o["deltaT"], bool) or not isinstance(o["deltaT"], int) or o["deltaT"] < 1:
-            raise ValueError(f"deltaT={o['deltaT']!r} must be a positive number of steps; e.g. deltaT=10")
+        o = allocation_options(options)
         self.beta1, self.beta2, self.delta_t = o["beta1"], o["beta2"], o["deltaT"]
         self.orth_weight, self.orth_form = o["orth_reg_weight"], o["orth_reg"]
         self.init_budget = sum(layer.rank for layer in layers.values())
