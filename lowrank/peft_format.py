@@ -1,4 +1,4 @@
-"""PEFT's on-disk LoRA/DoRA format (``PeftModel.save_pretrained`` / ``from_pretrained``), both ways.
+"""PEFT's on-disk LoRA/DoRA and AdaLoRA formats (``PeftModel.save_pretrained`` / ``from_pretrained``), both ways.
 
 Files: ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` /
 ``lora_B.weight`` / ``lora_magnitude_vector`` (convolutions keep PEFT's 4-D shapes, DoRA's conv
@@ -21,6 +21,8 @@ Options that change the function and that lowrank does not implement are refused
 Σr on the whole ``c_attn``: A = [A_q; A_v], B block-structured (each slice's B in its own rows and
 rank columns, zero rows for k), and α chosen so the scale α/r (α/√r with rsLoRA) is unchanged; PEFT
 then computes exactly the same ΔW.
+
+AdaLoRA (``peft_type: ADALORA``): see the section at the end of this file.
 """
 
 from __future__ import annotations
@@ -319,9 +321,8 @@ def _save_adalora(model: nn.Module, config: dict, path: Path, base_model_name_or
     for name, p in trainable_state_dict(model).items():
         if any(name.startswith(h + ".") for h in config["train_modules"]):
             tensors[PEFT_PREFIX + name] = p
-    # PEFT validates the schedule even for inference: the run's own steps, else the smallest valid one
-    total = config.get("total_steps") or 1
-    tinit, tfinal = (config.get("schedule_steps") or (0, 0)) if config.get("total_steps") else (0, 0)
+    # PEFT validates the schedule even for inference: the run's own steps, else the smallest valid schedule
+    total, (tinit, tfinal) = config.get("total_steps") or 1, config.get("schedule_steps") or (0, 0)
     peft_config = {
         "peft_type": "ADALORA",
         "task_type": task_type(model),

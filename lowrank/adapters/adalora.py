@@ -232,13 +232,15 @@ class RankAllocator:
         if not self.layers or self.orth_weight == 0:
             return 0.0
         terms = []
-        for layer in self.layers.values():
-            P, Q = layer.lora_P, layer.lora_Q
-            for cov in (P.t() @ P, Q @ Q.t()):
-                eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-                diff = torch.linalg.matrix_norm(cov - eye)
-                terms.append(diff if self.orth_form == "code" else diff.square())
-        total = torch.stack(terms).sum()
+        device = next(iter(self.layers.values())).lora_P.device
+        with torch.autocast(device.type, enabled=False):  # r×r Gram matrices of float32 factors, in float32
+            for layer in self.layers.values():
+                P, Q = layer.lora_P, layer.lora_Q
+                for cov in (P.t() @ P, Q @ Q.t()):
+                    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+                    diff = torch.linalg.matrix_norm(cov - eye)
+                    terms.append(diff if self.orth_form == "code" else diff.square())
+            total = torch.stack(terms).sum()
         return self.orth_weight * (total / len(terms) if self.orth_form == "code" else total)
 
     # ---- after each optimizer step ----------------------------------------------------------------------
