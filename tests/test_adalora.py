@@ -289,6 +289,7 @@ def test_sweep_records_final_ranks_and_the_ranks_analysis_draws_them(tiny_bert, 
     assert summary["total"]["AdaLoRA r=2: final rank"] == 2 * len(ranks)
     assert (tmp_path / "out" / "ranks" / "ranks.png").stat().st_size > 0
     # the grid puts each module in its (matrix, layer) cell
-    kinds, layers, values = grid({"bert.encoder.layer.1.attention.self.value": 3, "bert.encoder.layer.0.attention.self.query": 5})
+    kinds, layers, values = grid({"bert.encoder.layer.1.attention.self.value": 3,
+                                  "bert.encoder.layer.0.attention.self.query": 5})
     assert kinds == ["q", "v"] and layers == [0, 1]
     np.testing.assert_array_equal(values, [[5, np.nan], [np.nan, 3]])

@@ -61,7 +61,8 @@ def initial_rank(rank: int, init_r) -> int:
     if init_r is None:
         return math.ceil(1.5 * rank)
     if isinstance(init_r, bool) or not isinstance(init_r, int) or init_r < rank:
-        raise ValueError(f"init_r={init_r!r} must be an integer >= the target rank {rank}; e.g. init_r={math.ceil(1.5 * rank)}")
+        raise ValueError(f"init_r={init_r!r} must be an integer >= the target rank {rank}; "
+                         f"e.g. init_r={math.ceil(1.5 * rank)}")
     return init_r
 
 
