@@ -9,6 +9,7 @@
     tables         LoRA Tables 5-6  metric by adapted matrices (budget-matched) and by rank
     spectrum       LoRA §4.1     ΔW's singular values: energy in the top r, effective rank (FT vs LoRA/DoRA)
     intruders      arXiv 2410.21228  W0+ΔW's top singular vectors orthogonal to W0's; mitigation, eval before/after
+    ranks          AdaLoRA Fig. 4  AdaLoRA's final rank per layer × matrix beside FT's effective rank of ΔW
 
 subspace, seeds, layers and wsubspace read the low-rank factors A, B (lora, dora, flora); amplification,
 decomposition and spectrum read ΔW = W − W0 (lora, dora, flora, ia3, full, top, gradual: the registry's
@@ -52,6 +53,7 @@ ANALYSES = {
     "spectrum": (_command("spectrum", "spectrum"), "ΔW's singular values, energy in the top r, effective rank"),
     "intruders": (_command("intruders", "intruders"), "Intruder dimensions (arXiv 2410.21228): counts per layer "
                   "and method, count vs ε, mitigation with the evaluation before and after"),
+    "ranks": (_command("ranks", "ranks"), "AdaLoRA Figure 4: final rank per layer × matrix beside FT's effective rank"),
 }
 
 
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "tables":
             s.add_argument("--base-model", default=None,
                            help="base model of PEFT adapter folders (default: their base_model_name_or_path)")
-        if name not in ("decomposition", "tables", "spectrum", "intruders"):
+        if name not in ("decomposition", "tables", "spectrum", "intruders", "ranks"):
             s.add_argument("--adapter", default=None, help="adapter whose runs to use (default: lora when present)")
         if name in ("subspace", "seeds", "layers"):
             s.add_argument("--factor", choices=["A", "B", "dW"], default="A",

@@ -16,7 +16,7 @@ from lowrank.atomic import write_json
 
 __all__ = ["Summary", "SubspaceSummary", "SeedsSummary", "LayersSummary", "WSubspaceSummary",
            "AmplificationSummary", "DecompositionSummary", "TablesSummary", "SpectrumSummary", "IntrudersSummary",
-           "write_summary", "load_summary", "summary_path"]
+           "RanksSummary", "write_summary", "load_summary", "summary_path"]
 
 S = TypeVar("S", bound="Summary")
 
@@ -189,6 +189,18 @@ class IntrudersSummary(Summary):
     per_matrix: dict[str, float]                         # label → mean intruders per adapted matrix
     evaluation: dict[str, dict[str, float]] = field(default_factory=dict)   # label → {"before": m, "after": m}
     figure: str = "intruder dimensions (arXiv 2410.21228, Figs. 4-5)"
+
+
+@dataclass
+class RanksSummary(Summary):
+    """AdaLoRA's final rank per layer × matrix beside full fine-tuning's effective rank of ΔW (AdaLoRA Fig. 4)."""
+
+    analysis: ClassVar[str] = "ranks"
+    runs: dict[str, str]                                 # panel title → run dir
+    seed: int | None
+    total: dict[str, float]                              # panel → Σ over modules (AdaLoRA: the final budget)
+    by_kind: dict[str, dict[str, float]]                 # panel → {matrix kind: Σ over layers}
+    figure: str = "AdaLoRA Figure 4 (final ranks) beside FT's effective rank"
 
 
 def summary_path(sweep_or_out: str | Path, analysis: str) -> Path:

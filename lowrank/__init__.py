@@ -28,6 +28,7 @@ from lowrank.core import (
     unload,
     unmerge_adapters,
 )
+from lowrank.hooks import training_hooks
 from lowrank.io import load_adapter, read_adapter, save_adapter
 from lowrank.peft_format import load_peft, save_peft
 
@@ -50,5 +51,6 @@ __all__ = [
     "read_adapter",
     "save_peft",
     "load_peft",
+    "training_hooks",
 ]
 __version__ = "0.3.0"

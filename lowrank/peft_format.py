@@ -1,4 +1,4 @@
-"""PEFT's on-disk LoRA/DoRA format (``PeftModel.save_pretrained`` / ``from_pretrained``), both ways.
+"""PEFT's on-disk LoRA/DoRA and AdaLoRA formats (``PeftModel.save_pretrained`` / ``from_pretrained``), both ways.
 
 Files: ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` /
 ``lora_B.weight`` / ``lora_magnitude_vector`` (convolutions keep PEFT's 4-D shapes, DoRA's conv
@@ -21,6 +21,8 @@ Options that change the function and that lowrank does not implement are refused
 Σr on the whole ``c_attn``: A = [A_q; A_v], B block-structured (each slice's B in its own rows and
 rank columns, zero rows for k), and α chosen so the scale α/r (α/√r with rsLoRA) is unchanged; PEFT
 then computes exactly the same ΔW.
+
+AdaLoRA (``peft_type: ADALORA``): see the section at the end of this file.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 
 from lowrank.adapters import DoRA, FusedLoRA, LoRA, layer_kind
 from lowrank.adapters.lora import converted_factors
+from lowrank.adapters.adalora import ALLOCATION, AdaDoRA, AdaLoRA
 from lowrank.atomic import write_json
 from lowrank.core import adapt, adapted_modules, adapter_config, pattern_key, trainable_state_dict
 from lowrank.io import load_into, load_tensors, loading, read_json, save_tensors, weights_file
@@ -124,9 +127,14 @@ def _converted(name: str, layer, rslora: bool) -> tuple[dict[str, torch.Tensor],
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write a LoRA/DoRA-adapted model in PEFT's on-disk format (loadable by ``PeftModel.from_pretrained``)."""
     config = adapter_config(model)
+    if config["adapter"] == "adalora":
+        return _save_adalora(model, config, Path(path), base_model_name_or_path)
     if config["adapter"] not in ("lora", "dora"):
-        raise ValueError(f"PEFT's LoRA format holds lora or dora adapters, not {config['adapter']!r}; "
+        raise ValueError(f"PEFT's LoRA format holds lora, dora or adalora adapters, not {config['adapter']!r}; "
                          f"use lowrank.save_adapter")
+    if any(isinstance(layer, AdaDoRA) for layer in adapted_modules(model).values()):
+        raise ValueError("dora with allocate=adalora is this project's combination, which PEFT has no format for; "
+                         "use lowrank.save_adapter")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -177,10 +185,11 @@ def read_peft_config(path: Path) -> dict:
         raise FileNotFoundError(f"no {PEFT_CONFIG} in {str(path)!r}; point at a folder written by PEFT's "
                                 f"save_pretrained")
     config = read_json(path / PEFT_CONFIG)
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in ("LORA", "ADALORA"):
         found = "lowrank's own format (use lowrank.load_adapter)" if "format" in config \
             else f"a {config.get('peft_type')} adapter"
-        raise ValueError(f"{str(path)!r} holds {found}; load_peft reads PEFT LORA adapters (with or without use_dora)")
+        raise ValueError(f"{str(path)!r} holds {found}; load_peft reads PEFT LORA (with or without use_dora) and "
+                         f"ADALORA adapters")
     for key, (unused, fix) in REFUSED.items():
         if config.get(key) not in (unused, None):
             raise ValueError(f"{str(path)!r} sets {key}={config[key]!r}, which lowrank does not implement; {fix}")
@@ -287,6 +296,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     names = peft_targets(model, config, str(path))
     modules = {n for n, _ in model.named_modules()}
     heads = [m for m in config.get("modules_to_save") or [] if m in modules or any(n.endswith("." + m) for n in modules)]
+    if config["peft_type"] == "ADALORA":
+        return _load_adalora(model, config, raw, names, heads, str(path))
     with loading(model):
         adapt(model, "dora" if config.get("use_dora") else "lora", targets=names, rank=config["r"],
               alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
@@ -294,4 +305,97 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
               rank_pattern=_pattern(config.get("rank_pattern") or {}, names),
               alpha_pattern=_pattern(config.get("alpha_pattern") or {}, names))
         load_into(model, _from_peft(model, raw, str(path)), str(path), complete=True)
+    return model
+
+
+# ---- AdaLoRA (PEFT 0.21 ``peft.tuners.adalora``) ---------------------------------------------------------
+# Keys ``<module>.lora_A`` = Q (k, in), ``lora_E`` = λ (k, 1), ``lora_B`` = P (out, k), no ``.weight``, and no
+# ``ranknum`` (PEFT rebuilds it as init_r). Once ranks are allocated, ``rank_pattern`` maps ``<module>.lora_E`` to
+# the kept triplets (a list of booleans of length init_r) and only those are stored (k = their number): PEFT's
+# ``resize_state_dict_by_rank_pattern``; loading puts them back in place, with zeros for the others.
+ADALORA_KEYS = {"lora_A": "lora_Q", "lora_E": "lora_E", "lora_B": "lora_P"}
+
+
+def _save_adalora(model: nn.Module, config: dict, path: Path, base_model_name_or_path: str | None) -> Path:
+    layers = adapted_modules(model)
+    first = next(iter(layers.values()))
+    options = {**ALLOCATION, **{k: v for k, v in config["options"].items() if v is not None}}
+    masked = any(not bool(layer.rank_mask.all()) for layer in layers.values())
+    tensors, pattern = {}, {}
+    for name, layer in layers.items():
+        keep = layer.rank_mask if masked else torch.ones_like(layer.rank_mask)
+        for peft_key, ours in ADALORA_KEYS.items():
+            value = getattr(layer, ours)
+            tensors[f"{PEFT_PREFIX}{name}.{peft_key}"] = value[:, keep] if ours == "lora_P" else value[keep]
+        if masked:
+            pattern[f"{name}.lora_E"] = layer.rank_mask.tolist()
+    for name, p in trainable_state_dict(model).items():
+        if any(name.startswith(h + ".") for h in config["train_modules"]):
+            tensors[PEFT_PREFIX + name] = p
+    # PEFT validates the schedule even for inference: the run's own steps, else the smallest valid schedule
+    total, (tinit, tfinal) = config.get("total_steps") or 1, config.get("schedule_steps") or (0, 0)
+    peft_config = {
+        "peft_type": "ADALORA",
+        "task_type": task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": 8, "init_r": first.rank,  # r: PEFT's default, which AdaLoRA ignores (it warns on any other)
+        "target_r": first.target_rank, "lora_alpha": first.alpha,
+        "lora_dropout": options.get("dropout", 0.0),
+        "tinit": tinit, "tfinal": tfinal, "deltaT": options["deltaT"], "total_step": total,
+        "beta1": options["beta1"], "beta2": options["beta2"], "orth_reg_weight": options["orth_reg_weight"],
+        "rank_pattern": pattern or None,
+        "target_modules": sorted(layers),
+        "modules_to_save": config["train_modules"] or None,
+        "fan_in_fan_out": any(layer.kind == "conv1d" for layer in layers.values()),
+        "bias": "none", "init_lora_weights": True, "inference_mode": True, "use_dora": False, "use_rslora": False,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_tensors(path / PEFT_WEIGHTS, tensors, {"format": "pt"})
+    write_json(path / PEFT_CONFIG, peft_config, sort_keys=True)
+    return path
+
+
+def _load_adalora(model: nn.Module, config: dict, raw: dict[str, torch.Tensor], names: list[str], heads: list[str],
+                  source: str) -> nn.Module:
+    pattern = config.get("rank_pattern") or {}
+    init_r = config.get("init_r", 12)
+    fix = "load it into the base model it was trained on"
+    with loading(model):
+        adapt(model, "adalora", targets=names, rank=min(config.get("target_r", 8), init_r),
+              alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout") or 0.0, init_r=init_r,
+              tinit=config.get("tinit", 0), tfinal=config.get("tfinal", 0),
+              deltaT=config.get("deltaT", 1), beta1=config.get("beta1", 0.85), beta2=config.get("beta2", 0.85),
+              orth_reg_weight=config.get("orth_reg_weight", 0.5), train_modules=heads)
+        layers = adapted_modules(model)
+        tensors, masks = {}, {}
+        for name, layer in layers.items():
+            keep = torch.tensor(pattern.get(f"{name}.lora_E", [True] * layer.rank), dtype=torch.bool)
+            if keep.numel() != layer.rank:
+                raise ValueError(f"rank_pattern of {name!r} in {source!r} has {keep.numel()} entries, not init_r="
+                                 f"{layer.rank}; fix the adapter_config.json or {fix}")
+            for peft_key, ours in ADALORA_KEYS.items():
+                key = f"{PEFT_PREFIX}{name}.{peft_key}"
+                if key not in raw:
+                    raise ValueError(f"{source!r} has no {peft_key} for {name!r}, which its target_modules name in this "
+                                     f"model: the model has more layers; {fix}")
+                value, full = raw.pop(key), getattr(layer, ours)
+                want = (full.shape[0], int(keep.sum())) if ours == "lora_P" else (int(keep.sum()), full.shape[1])
+                if tuple(value.shape) != want:
+                    raise ValueError(f"{name}.{peft_key}: saved shape {tuple(value.shape)} != {want} in {source!r}: the "
+                                     f"model's width or the adapter's ranks differ; {fix}")
+                placed = torch.zeros_like(full)
+                if ours == "lora_P":
+                    placed[:, keep] = value.to(placed.dtype)
+                else:
+                    placed[keep] = value.to(placed.dtype)
+                tensors[f"{name}.{ours}"] = placed
+            masks[name] = keep
+        for key, value in raw.items():
+            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            if any(name.startswith(m + ".") for m in layers):
+                raise ValueError(f"{source!r} holds {name!r}, which PEFT's AdaLoRA layer does not have; {fix}")
+            tensors[name.replace(".modules_to_save.default.", ".")] = value
+        load_into(model, tensors, source, complete=True)
+        for name, keep in masks.items():
+            layers[name].rank_mask.copy_(keep)
     return model

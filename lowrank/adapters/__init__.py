@@ -10,6 +10,8 @@ An entry (``AdapterSpec``) says what the method is and how to handle it everywhe
 - ``inject(model, targets, layers, rank, options)`` acts at the model level (after any wrapping): it adds
   a module or tokens (prefixes, soft prompts; ``lowrank.adapters.injected``) or chooses what trains
   (top blocks, a norm-training switch);
+- ``hooks(model, options, total_steps, config)``: what the method adds to the training loop (a loss term, a
+  step after each optimizer step, checkpoint state; ``lowrank.hooks``), None for nothing;
 - ``has_delta``: training changes the weight matrices of the target modules, so ΔW = W − W0 exists and
   is in general non-zero: the low-rank updates, (IA)³ (W' = diag(l)·W, ΔW = (diag(l) − I)·W, arXiv
   2205.05638 §3.3), full fine-tuning and the block-wise methods (top, gradual: the blocks' own weights
@@ -29,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lowrank.adapters import bottleneck, dora, flora, ia3, layers, lora, mora, prefix, prompt
+from lowrank.adapters import adalora, bottleneck, flora, ia3, layers, lora, mora, prefix, prompt
 from lowrank.adapters.base import AdaptedLayer, layer_kind
 from lowrank.adapters.dora import DoRA
 from lowrank.adapters.flora import FLoRA
@@ -51,6 +53,7 @@ class AdapterSpec:
     read_factors: Callable[[str, dict, float], dict] | None = None
     delta_from_factors: bool = False
     inject: Callable[..., object] | None = None
+    hooks: Callable[..., object] | None = None
     has_delta: bool = field(kw_only=True)   # every entry states it (see above)
 
     @property
@@ -68,14 +71,18 @@ ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
                 options=("dropout", "rslora", "init"), build=lora.build, read_factors=lora.read_factors,
                 delta_from_factors=True, has_delta=True),
     AdapterSpec("dora", "DoRA", "DoRA, Liu et al. 2024 (arXiv 2402.09353): m (W0 + ΔW) / ‖W0 + ΔW‖_c",
-                uses_rank=True, options=("dropout", "rslora", "dora_norm", "dora_fast", "init"), build=dora.build,
-                read_factors=lora.read_factors, has_delta=True),
+                uses_rank=True,
+                options=("dropout", "rslora", "dora_norm", "dora_fast", "init", "allocate", *adalora.ALLOCATION),
+                build=adalora.build_dora, read_factors=adalora.read_factors, hooks=adalora.hooks, has_delta=True),
     AdapterSpec("flora", "FLoRA", "FLoRA, Si et al. 2024 (arXiv 2405.14739): Tucker core, s · G ×1 A_in ×2 A_out "
                 "(×3 ×4 for convs)", uses_rank=True, options=("dropout", "scale", "ranks"), build=flora.build,
                 read_factors=flora.read_factors, delta_from_factors=True, has_delta=True),
     AdapterSpec("mora", "MoRA", "MoRA, Jiang et al. 2024 (arXiv 2405.12130): W0 + f_decomp(M f_comp(x)), one "
                 "square M of LoRA-r's parameter count", uses_rank=True, options=("dropout", "mora_type"),
                 build=mora.build, has_delta=True),
+    AdapterSpec("adalora", "AdaLoRA", "AdaLoRA, Zhang et al. 2023 (arXiv 2303.10512): W0 + s·P Λ Q, ranks allocated "
+                "by importance", uses_rank=True, options=adalora.OPTIONS, build=adalora.build,
+                read_factors=adalora.read_factors, delta_from_factors=True, hooks=adalora.hooks, has_delta=True),
     AdapterSpec("ia3", "(IA)³", "(IA)³, Liu et al. 2022 (arXiv 2205.05638): learned rescaling of k, v and the "
                 "FFN activation", options=("feedforward",), default_targets=("k", "v", "down"), build=ia3.build,
                 has_delta=True),

@@ -243,6 +243,8 @@ def run(cfg: DictConfig) -> dict:
         lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
         first_step = _since_process_start(fit.first_step_at)
+        if "allocated_ranks" in lowrank.adapter_config(model):  # AdaLoRA's final rank per module
+            result["allocated_ranks"] = lowrank.adapter_config(model)["allocated_ranks"]
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
                       resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),
                       step_time_s=fit.step_time_s, fast_path=fit.fast_path,

@@ -1,6 +1,7 @@
 """What a run keeps on disk while it trains: resumable checkpoints and the weight trajectory.
 
 A checkpoint (``step-N`` under the run's ``checkpoints/``) holds the trainable tensors (safetensors), the
+state an adapter's training hooks keep (``adapter_state.safetensors``: AdaLoRA's importance and rank masks), the
 optimizer and scheduler state and the torch RNG (``optimizer.pt``, read back with ``weights_only=True``),
 and the loop's state and Python/NumPy RNG (``state.json``); it is written to a temporary folder and
 renamed, and older ones are deleted. The trajectory files ``weights-step{N}.safetensors`` hold the target
@@ -46,6 +47,7 @@ def save_weights(model: nn.Module, names: list[str], folder: Path, step: int) ->
 
 
 STATE = "state.json"
+ADAPTER_STATE = "adapter_state.safetensors"   # what an adapter's training hooks keep (lowrank.training_hooks)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -56,13 +58,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> Path:
     """Write checkpoint ``step-N`` atomically (temporary folder, then rename) and delete the older ones."""
-    from lowrank import trainable_state_dict
+    from lowrank import trainable_state_dict, training_hooks
 
     final = folder / f"step-{state['step']}"
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(final) as tmp:
         tmp.mkdir()
         save_tensors(tmp / "trainable.safetensors", trainable_state_dict(model))
+        adapter_state = training_hooks(model).state_dict()  # AdaLoRA's importance and masks (lowrank/hooks.py)
+        if adapter_state:
+            save_tensors(tmp / ADAPTER_STATE, adapter_state)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -85,6 +90,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device: torch.devic
     tensors = load_tensors(path / "trainable.safetensors")
     load_into(model, tensors, f"checkpoint {path}", fix="it belongs to another configuration: delete it or "
                                                          "use another run dir")
+    from lowrank import training_hooks
+
+    adapter_state = path / ADAPTER_STATE
+    training_hooks(model).load_state_dict(load_tensors(adapter_state) if adapter_state.is_file() else {})
     blob = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from lowrank.atomic import write_text
+from lowrank.hooks import training_hooks
 from lowrank.runner import accel, distributed, graphs
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lowrank.runner.data import TaskData, bucket_width, collate
@@ -273,6 +274,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     total = total_steps(cfg, len(data.train))
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
     params = [p for p in model.parameters() if p.requires_grad]
+    hooks = training_hooks(model, total)  # what the adapter adds to the loop (AdaLoRA: lowrank/hooks.py)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, decay_magnitude=cfg.decay_magnitude,
                                lora_plus_ratio=cfg.get("lora_plus_ratio"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
@@ -313,8 +315,8 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     def micro_step(batch: dict) -> torch.Tensor:
         """Forward and backward of one micro-batch; its loss (÷ grad_accum), detached."""
         with autocast(device, cfg.precision, cache=not graphed):  # a CUDA graph must not outlive autocast's cache
-            loss = batch_loss(net, model, batch, data.kind, fused=fast.fused_loss,
-                              label_smoothing=cfg.label_smoothing) / cfg.grad_accum
+            loss = (batch_loss(net, model, batch, data.kind, fused=fast.fused_loss,
+                               label_smoothing=cfg.label_smoothing) + hooks.penalty()) / cfg.grad_accum
         loss.backward()
         return loss.detach()
 
@@ -337,6 +339,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
+        hooks.after_step(step)
         scheduler.step()
         optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the same .grad tensors every step
         state["step"] = step
