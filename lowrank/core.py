@@ -169,8 +169,22 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold every ΔW into its base weight (and any reparameterisation, see ``fold``)."""
+def _quantized_bases(model: nn.Module, dequantize: bool) -> None:
+    """A quantized base (``lowrank.quantize``) cannot take ΔW in place: refuse, or (``dequantize=True``) replace
+    it by the float ``nn.Linear`` of its dequantized weight first."""
+    from lowrank.adapters.base import is_quantized, refuse_quantized
+
+    for layer in adapted_modules(model).values():
+        if is_quantized(layer.base):
+            if not dequantize:
+                refuse_quantized(layer.base, "merge into")
+            layer.base = layer.base.dense()
+
+
+def merge_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Fold every ΔW into its base weight (and any reparameterisation, see ``fold``). A quantized base is
+    refused unless ``dequantize=True``, which first replaces it by its dequantized float weight."""
+    _quantized_bases(model, dequantize)
     for layer in adapted_modules(model).values():
         layer.merge()
     return fold(model)
@@ -182,8 +196,10 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain base layers back: a model with no lowrank code in it."""
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Merge every adapter and put the plain base layers back: a model with no lowrank code in it (a quantized
+    base: see ``merge_adapters``)."""
+    _quantized_bases(model, dequantize)
     for name, layer in adapted_modules(model).items():
         layer.merge()
         _replace(model, name, layer.base)
