@@ -17,8 +17,6 @@ import lowrank
 from lowrank.quantize import BLOCK, NF4_VALUES, SCALE_BLOCK, Int8Linear, NF4Linear, dequantize, quantize, \
     quantized_layers
 
-pytest.importorskip("torchao")
-
 
 def nf4_reference() -> np.ndarray:
     """The 16 NF4 values from their definition (QLoRA §3 / Appendix E, bitsandbytes' create_normal_map): quantiles
