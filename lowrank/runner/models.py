@@ -214,8 +214,8 @@ def quantized(model: nn.Module, model_cfg, device: torch.device | str | None = N
         summary = quantize(model, method)
     except QuantizationError as e:
         raise ConfigError(f"model {model_cfg.name!r}: {e}") from e
-    log.info("model %s: %d linear layers in %s (%.1f MB)", model_cfg.name, summary["layers"], method,
-             summary["bytes"] / 2**20)
+    log.info("model %s: %d linear layers in %s (%.1f MB); W0, for the adapters and the ΔW analyses, is their "
+             "dequantized weight", model_cfg.name, summary["layers"], method, summary["bytes"] / 2**20)
     model.lowrank_quantization = summary
     return summary
 # ---- end of quantized bases ---------------------------------------------------------------------------
