@@ -179,6 +179,28 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+BF16_PEERS = ("hf", "hf+liger", "hf+compile", "unsloth")
+NF4_PEERS = ("hf-qlora", "unsloth-4bit")
+
+
+def bars(result: dict) -> list[str]:
+    """Our step over the fastest peer's (bf16 base: ``BF16_PEERS``; NF4 base: each of ``NF4_PEERS``), and peak memory
+    against the lowest peer's, per case."""
+    lines = []
+    for case, rows in result["cases"].items():
+        s = {impl: r["summary"] for impl, r in rows.items() if r["summary"].get("step_ms")}
+        for ours_, peers in (("ours", BF16_PEERS), ("ours-nf4", NF4_PEERS)):
+            present = [p for p in peers if p in s]
+            if ours_ not in s or not present:
+                continue
+            fastest = min(present, key=lambda p: s[p]["step_ms"])
+            each = ", ".join(f"{s[ours_]['step_ms'] / s[p]['step_ms']:.2f}× {p}" for p in present)
+            lowest = min(s[p]["peak_gb"] for p in present)
+            lines.append(f"- {case} {ours_}: step {s[ours_]['step_ms'] / s[fastest]['step_ms']:.2f}× the fastest peer "
+                         f"({fastest}; {each}); peak {s[ours_]['peak_gb']} GB vs the lowest peer's {lowest} GB")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["llama1b"], choices=tuple(SHAPES))
@@ -197,7 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.table:
-        print(table(json.loads(Path(args.table).read_text())))
+        result = json.loads(Path(args.table).read_text())
+        print(table(result), "", *bars(result), sep="\n")
         return 0
     if args.unsloth_worker:
         return unsloth_worker(args)
@@ -247,7 +270,7 @@ def main(argv=None) -> int:
                             Path(args.out).write_text(json.dumps(result, indent=1, default=str))
                         if os.environ.get("OUT"):
                             Path(os.environ["OUT"], "peers.json").write_text(json.dumps(result, indent=1, default=str))
-    print(table(result))
+    print(table(result), "", *bars(result), sep="\n")
     return 0
 
 

@@ -239,3 +239,20 @@ def test_qlora_equals_peft_with_bitsandbytes_on_the_same_nf4_weights(use_dora):
             layer = mine[name.removeprefix("base_model.model.")]
             g, ref = layer.lora_A.grad.float(), module.lora_A["default"].weight.grad.float()
             assert (g - ref).norm() <= 0.05 * ref.norm() + 1e-6
+
+
+def test_peers_bars_take_the_fastest_peer_and_the_lowest_memory():
+    from benchmarks.peers import bars, table
+
+    def row(ms, gb):
+        return {"summary": {"step_ms": ms, "peak_gb": gb}}
+
+    result = {"cases": {"llama1b:lora:qkvo": {"ours": row(40.0, 6.0), "ours-nf4": row(45.0, 4.0),
+                                               "hf": row(160.0, 10.0), "hf+compile": row(80.0, 7.0),
+                                               "unsloth": row(100.0, 6.5), "hf-qlora": row(150.0, 8.0),
+                                               "unsloth-4bit": row(90.0, 5.0)}}}
+    lines = bars(result)
+    assert lines[0].startswith("- llama1b:lora:qkvo ours: step 0.50× the fastest peer (hf+compile;")
+    assert "peak 6.0 GB vs the lowest peer's 6.5 GB" in lines[0]
+    assert "step 0.50× the fastest peer (unsloth-4bit; 0.30× hf-qlora, 0.50× unsloth-4bit)" in lines[1]
+    assert table(result).count("\n") == 2 + 6
