@@ -256,3 +256,23 @@ def test_peers_bars_take_the_fastest_peer_and_the_lowest_memory():
     assert "peak 6.0 GB vs the lowest peer's 6.5 GB" in lines[0]
     assert "step 0.50× the fastest peer (unsloth-4bit; 0.30× hf-qlora, 0.50× unsloth-4bit)" in lines[1]
     assert table(result).count("\n") == 2 + 6
+
+
+@pytest.mark.integration
+def test_the_gguf_smollm2_base_is_requantized_to_nf4_from_its_float_weights():
+    """SmolLM2 ships as a 4-bit GGUF file; with model.quantize=nf4 its dequantized float weights become NF4: every
+    linear layer but the head, each within NF4's error of the float weight (float64 reference: ‖Ŵ − W‖ / ‖W‖)."""
+    from omegaconf import OmegaConf
+
+    from lowrank.runner import models
+    from lowrank.runner.config import CONF_DIR
+
+    cfg, task = OmegaConf.load(CONF_DIR / "model" / "smollm2.yaml"), OmegaConf.create({"kind": "generation"})
+    dense, _ = models.load(cfg, task)
+    cfg.quantize = "nf4"
+    model, _ = models.load(cfg, task)
+    assert model.lowrank_quantization["layers"] == 7 * model.config.num_hidden_layers
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
+        w = dense.get_submodule(name).weight.double()
+        error = (model.get_submodule(name).dequantize(torch.float64) - w).norm() / w.norm()
+        assert 0.01 < error < 0.15, (name, error)
