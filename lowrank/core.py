@@ -198,11 +198,16 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge every adapter and put the plain base layers back: a model with no lowrank code in it (a quantized
-    base: see ``merge_adapters``)."""
+    base: see ``merge_adapters``; with ``dequantize=True`` the quantized layers without an adapter become float
+    ``nn.Linear`` layers too)."""
     _quantized_bases(model, dequantize)
     for name, layer in adapted_modules(model).items():
         layer.merge()
         _replace(model, name, layer.base)
+    if dequantize:
+        from lowrank.quantize import dequantize as dequantized
+
+        dequantized(model)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

@@ -149,6 +149,9 @@ def test_merge_into_a_quantized_base_is_refused_or_dequantized():
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
     assert not any(type(layer.base) is not nn.Linear for layer in lowrank.adapted_modules(model).values())
     assert quantized_layers(model)  # the layers without an adapter stay in NF4
+    lowrank.merge_and_unload(model, dequantize=True)
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert not quantized_layers(model) and not lowrank.adapted_modules(model)
 
 
 def test_cost_model_counts_the_4bit_base():
