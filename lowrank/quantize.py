@@ -14,7 +14,8 @@ store this format:
 - CPU (bitsandbytes' QLoRA kernels are CUDA ones): torchao's ``NF4Tensor`` (``to_nf4(w, 64, 256)``), the same
   NF4 values and blocks; its second-level code is int8 with one scale per 256 constants (also 8 bits per
   block). torchao needs whole blocks of 64·256 elements, so a matrix whose size is not a multiple of 16384
-  is padded with zeros at its end (the padding is dropped on dequantisation; a block of zeros has absmax 0).
+  is padded with zeros at its end (dropped on dequantisation; their zero constants take part in the mean and
+  the 256-blocks of the second level, which bitsandbytes computes over the matrix's own blocks).
 
 **int8**: weight-only int8 with one absmax scale per output row, the vector-wise weight quantisation of
 LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339 §3.1), plain PyTorch on every device; the activations
