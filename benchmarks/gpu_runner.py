@@ -89,8 +89,8 @@ def sweep(tmp: Path, model: str, jobs: int, mode: str = "auto") -> dict:
 LLAMA_1B = {**step_variants.LLAMA_1B, "max_position_embeddings": 4096}
 
 
-def llama_folder(folder: Path, tokenizer_from: str) -> Path:
-    """The 1.1 B LLaMA-style model, random init (seed 0), bf16, with MiniLM's tokenizer ([SEP] as EOS)."""
+def llama_folder(folder: Path, tokenizer_from: str, shape: dict | None = None) -> Path:
+    """The 1.1 B LLaMA-style model (or ``shape``), random init (seed 0), bf16, with MiniLM's tokenizer ([SEP] as EOS)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -99,7 +99,7 @@ def llama_folder(folder: Path, tokenizer_from: str) -> Path:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tokenizer_from)
     tok.eos_token = "[SEP]"
-    config = LlamaConfig(**LLAMA_1B, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+    config = LlamaConfig(**(shape or LLAMA_1B), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
                          pad_token_id=tok.pad_token_id)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -120,6 +120,22 @@ def bench_steps(tmp: Path, seq: int, adapters: list[str], targets: list[str]) ->
     return {f"{r['adapter']}:r8:{r['targets']}": r["step_ms"] / 1e3 for r in rows if r.get("status") == "ok"}
 
 
+def llama_overrides(folder: Path, adapter: str, targets: str, seq: int, steps: int, name: str = "llama1b") -> list[str]:
+    """run.py's overrides for the LLaMA-style E2E case: batch 4 × ``seq`` (one length bucket), r = 8, α = 16."""
+    return ["task=e2e", f"model.pretrained={folder}", f"model.name={name}", f"adapter={adapter}", "rank=8",
+            "alpha=16", f"targets=[{','.join(targets)}]", "trainer.batch_size=4", f"trainer.max_seq_len={seq}",
+            "trainer.length_buckets=1", f"trainer.max_steps={steps}", "trainer.eval_every=0",
+            "trainer.max_eval_samples=8", "trainer.checkpoint_every=0", "trainer.log_every=5",
+            "trainer.lr=2e-4", "task.generation.max_new_tokens=8", "task.generation.num_beams=1"]
+
+
+def llama_hf_args(folder: Path, adapter: str, targets: str, seq: int, steps: int) -> list[str]:
+    """``benchmarks/hf_trainer.py``'s arguments for the same case (every batch padded to ``seq``)."""
+    return ["--task", "e2e", "--model", str(folder), "--adapter", adapter, "--rank", "8", "--alpha", "16",
+            "--targets", targets, "--batch", "4", "--max-len", str(seq), "--pad-to", str(seq), "--steps", str(steps),
+            "--eval-every", str(steps), "--lr", "2e-4", "--log-every", "5"]
+
+
 def llama1b(tmp: Path, model: str, seq: int, steps: int, adapters: list[str], targets: list[str]) -> dict:
     folder = llama_folder(tmp / "llama1b", model)
     bench = bench_steps(tmp, seq, adapters, targets)
@@ -127,15 +143,8 @@ def llama1b(tmp: Path, model: str, seq: int, steps: int, adapters: list[str], ta
     for adapter in adapters:
         for t in targets:
             tag = f"{adapter}:r8:{t}"
-            a = ours(tmp / f"llama-{adapter}-{t}", [
-                "task=e2e", f"model.pretrained={folder}", "model.name=llama1b", f"adapter={adapter}", "rank=8",
-                "alpha=16", f"targets=[{','.join(t)}]", "trainer.batch_size=4", f"trainer.max_seq_len={seq}",
-                "trainer.length_buckets=1", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-                "trainer.max_eval_samples=8", "trainer.checkpoint_every=0", "trainer.log_every=5",
-                "trainer.lr=2e-4", "task.generation.max_new_tokens=8", "task.generation.num_beams=1"])
-            b = theirs(["--task", "e2e", "--model", str(folder), "--adapter", adapter, "--rank", "8", "--alpha", "16",
-                        "--targets", t, "--batch", "4", "--max-len", str(seq), "--pad-to", str(seq), "--steps",
-                        str(steps), "--eval-every", str(steps), "--lr", "2e-4"], tmp / f"hf_{adapter}_{t}.json")
+            a = ours(tmp / f"llama-{adapter}-{t}", llama_overrides(folder, adapter, t, seq, steps))
+            b = theirs(llama_hf_args(folder, adapter, t, seq, steps), tmp / f"hf_{adapter}_{t}.json")
             out[tag] = {"ours": a, "hf": b, "ratio": _ratios(a, b), "gpu_step_s": bench.get(tag),
                         "step_vs_gpu_step": round(a["step_time_s"] / bench[tag], 3)
                         if a.get("step_time_s") and bench.get(tag) else None}

@@ -8,6 +8,10 @@ for the causal LM, 0 for both to match) with the classification head trained (``
 wall, time from process start to the first finished step, GPU peak memory, the final metric.
 
     python -m benchmarks.hf_trainer --task sst2 --model $LOWRANK_MINILM_BF16 --out hf.json
+
+The peers of ``benchmarks/peers.py`` are this script with one switch each: ``--liger`` (Liger-Kernel through
+``use_liger_kernel``), ``--compile`` (``torch_compile=True``), ``--qlora`` (the base loaded in NF4 with double
+quantisation and bf16 compute through bitsandbytes, as QLoRA; no gradient checkpointing, as every case here).
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-eval", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--liger", action="store_true", help="use_liger_kernel=True (Liger-Kernel)")
+    p.add_argument("--compile", action="store_true", help="torch_compile=True")
+    p.add_argument("--qlora", action="store_true", help="base in NF4 + double quantisation (bitsandbytes)")
+    p.add_argument("--log-every", type=int, default=10, help="logging_steps: the training losses recorded")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -85,8 +93,16 @@ def main(argv=None) -> int:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     causal = args.task == "e2e"
+    quant = {}
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quant["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+        quant["device_map"] = {"": 0}
     if causal:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, **quant)
         train, ev = e2e(Path(args.data), tok, args.max_len, args.max_eval)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, dtype=torch.bfloat16)
@@ -110,8 +126,13 @@ def main(argv=None) -> int:
         return batch
 
     marks: list[float] = []
+    losses: dict[int, float] = {}
 
     class Clock(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses[state.global_step] = float(logs["loss"])
+
         def on_step_end(self, a, state, control, **kw):
             if state.global_step == 1 or state.global_step % 10 == 0:
                 if torch.cuda.is_available():
@@ -126,7 +147,8 @@ def main(argv=None) -> int:
     targs = TrainingArguments(
         output_dir="/tmp/hf_trainer_out", per_device_train_batch_size=args.batch, per_device_eval_batch_size=128,
         max_steps=args.steps, learning_rate=args.lr, weight_decay=0.01, warmup_steps=int(0.06 * args.steps),
-        lr_scheduler_type="linear", max_grad_norm=1.0, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=10,
+        lr_scheduler_type="linear", max_grad_norm=1.0, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=args.log_every,
+        use_liger_kernel=args.liger, torch_compile=args.compile,
         eval_strategy="steps", eval_steps=args.eval_every, save_strategy="no", report_to=[],
         **grouping, dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True, label_names=["labels"])
 
@@ -146,7 +168,8 @@ def main(argv=None) -> int:
            "step_time_s": statistics.median(windows) if windows else None,
            "first_step_s": marks[0][1] - PROCESS_START if marks else None,
            "run_wall_s": wall, "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-           "final": {k: v for k, v in final.items() if isinstance(v, (int, float))},
+           "final": {k: v for k, v in final.items() if isinstance(v, (int, float))}, "train_losses": losses,
+           "liger": args.liger, "compile": args.compile, "qlora": args.qlora,
            "process_s": time.time() - PROCESS_START}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

@@ -252,8 +252,22 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold every ΔW into its base weight (and any reparameterisation, see ``fold``)."""
+def _quantized_bases(model: nn.Module, dequantize: bool) -> None:
+    """A quantized base (``lowrank.quantize``) cannot take ΔW in place: refuse, or (``dequantize=True``) replace
+    it by the float ``nn.Linear`` of its dequantized weight first."""
+    from lowrank.adapters.base import is_quantized, refuse_quantized
+
+    for layer in adapted_modules(model).values():
+        if is_quantized(layer.base):
+            if not dequantize:
+                refuse_quantized(layer.base, "merge into")
+            layer.base = layer.base.dense()
+
+
+def merge_adapters(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Fold every ΔW into its base weight (and any reparameterisation, see ``fold``). A quantized base is
+    refused unless ``dequantize=True``, which first replaces it by its dequantized float weight."""
+    _quantized_bases(model, dequantize)
     for layer in adapted_modules(model).values():
         layer.merge()
     return fold(model)
@@ -288,10 +302,12 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 unload = remove_adapters
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold every ΔW into its base weight, then take the adapter off as ``remove_adapters`` does: a model with
     no lowrank code in it whose outputs are the adapted model's. A method whose function no weight holds
-    (bottleneck adapters, prefixes, prompts) is refused with one line, the model unchanged."""
+    (bottleneck adapters, prefixes, prompts) is refused with one line, the model unchanged. A quantized base
+    is refused unless ``dequantize=True`` (see ``merge_adapters``), which also turns the quantized layers
+    without an adapter into float ``nn.Linear`` layers."""
     config = getattr(model, CONFIG_ATTR, None) or {}
     injected = injected_module(model)
     for module in (*adapted_modules(model).values(), injected):
@@ -299,7 +315,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             raise ValueError(f"adapter {config.get('adapter', module.adapter_name)!r} adds {module.adds}, not a ΔW, so no "
                              f"weight can hold it: keep the adapted model, or take the adapter off with "
                              f"lowrank.remove_adapters(model) (the base model's outputs)")
+    _quantized_bases(model, dequantize)
     for name, layer in adapted_modules(model).items():
         layer.merge()
         _replace(model, name, layer.base)  # with the merged weight in it
+    if dequantize:
+        from lowrank.quantize import dequantize as dequantized
+
+        dequantized(model)
     return remove_adapters(model)

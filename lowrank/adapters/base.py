@@ -39,11 +39,30 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+# ---- quantized bases (QLoRA, arXiv 2305.14314; lowrank.quantize) -----------------------------------------
+def is_quantized(base: nn.Module) -> bool:
+    """A base layer whose weight is stored quantized (``lowrank.quantize.QuantizedLinear``)."""
+    return getattr(base, "lowrank_quantized", False)
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The one accessor of a base layer's weight, in its own layout: a quantized base answers its dequantized
+    weight (compute dtype), so every adapter and ΔW analysis sees W0 as the dequantized base."""
+    return base.dequantize() if is_quantized(base) else base.weight
+
+
+def refuse_quantized(base: nn.Module, what: str) -> None:
+    if is_quantized(base):
+        raise ValueError(f"cannot {what} a {base.method}-quantized base layer in place; fix: merge_adapters(model, "
+                         f"dequantize=True) replaces each quantized base by its dequantized float weight first")
+# ---- end of quantized bases ---------------------------------------------------------------------------
+
+
 def features(base: nn.Module, kind: str) -> tuple[int, int]:
     """``(in_features, out_features)`` of the base layer's weight matrix."""
-    w = base.weight
     if kind == "linear":
-        return w.shape[1], w.shape[0]
+        return base.in_features, base.out_features
+    w = base.weight
     if kind == "conv1d":
         return w.shape[0], w.shape[1]
     if kind == "conv2d":
@@ -64,8 +83,8 @@ def as_matrix(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def weight_matrix(base: nn.Module, kind: str) -> torch.Tensor:
-    """The base weight as an ``(out, in)`` matrix: a view, never a copy."""
-    return as_matrix(base.weight, kind)
+    """The base weight as an ``(out, in)`` matrix: a view, never a copy (a quantized base: its dequantized copy)."""
+    return as_matrix(base_weight(base), kind)
 
 
 def to_native(base: nn.Module, kind: str, matrix: torch.Tensor) -> torch.Tensor:
@@ -177,6 +196,7 @@ class AdaptedLayer(nn.Module):
         """Fold ΔW into the base weight so that inference costs nothing extra."""
         if self.merged:
             return
+        refuse_quantized(self.base, "merge into")
         w = self.base.weight
         w.add_(to_native(self.base, self.kind, self._update_matrix().to(w.dtype)))
         self.merged = True

@@ -22,3 +22,11 @@ It imports the library (``lowrank``), never the reverse, and is the only place t
 
 Submodules are imported on demand; importing this package loads nothing heavy.
 """
+
+import logging as _logging
+
+# torchao (model.quantize=nf4 on the CPU) is imported by transformers and peft whenever it is installed; on a CPU
+# machine it warns that its CUDA extensions and Triton are missing, and it registers enums with torch's pytree,
+# which warns once per enum on recent torch: keep logs quiet
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)

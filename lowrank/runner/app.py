@@ -212,7 +212,7 @@ def run(cfg: DictConfig) -> dict:
     device = world.device(cfg.trainer.device, job["num"])
     bf16 = uses_bf16(device, cfg.trainer.precision)
     dtype = models.weight_dtype(cfg.model.dtype, device, bf16)
-    model, tokenizer = models.load(cfg.model, cfg.task, model_config, dtype=dtype)
+    model, tokenizer = models.load(cfg.model, cfg.task, model_config, dtype=dtype, device=device)
     kwargs = adapt_kwargs(cfg)
     lowrank.adapt(model, kwargs.pop("adapter"), **kwargs)
     startup["model_loaded"] = _since_process_start(time.time())
@@ -233,6 +233,7 @@ def run(cfg: DictConfig) -> dict:
               "fingerprint": fp, "trainable_params": trainable, "total_params": total,
               "trainable_fraction": trainable / total, "steps": None, "resumed_from_step": None,
               "predicted_costs": predicted, "rss_at_start_mb": rss_at_start,
+              "quantization": getattr(model, "lowrank_quantization", None),
               "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")}
     try:
         fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=tracker,

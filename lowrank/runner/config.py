@@ -172,6 +172,7 @@ def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
     if typed.paths.data_dir is None:
         typed.paths.data_dir = str(DEFAULT_DATA_DIR)
     _check_model(typed.model)
+    _check_quantize(typed)
     _check_task(typed.task)
     _check_adapter(typed)
     _check_trainer(typed.trainer)
@@ -184,6 +185,18 @@ def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
     if check_data:
         check_data_dir(typed.task, typed.paths.data_dir)
     return typed
+
+
+def _check_quantize(typed) -> None:
+    """``model.quantize`` (lowrank.quantize): a known method, and an adapter that leaves the base frozen."""
+    from lowrank.quantize import METHODS
+
+    method = typed.model.quantize
+    if method not in METHODS:
+        raise ConfigError(f"model.quantize={method!r} is unknown; fix: one of {', '.join(METHODS)}")
+    if method != "none" and typed.adapter.name == "full":
+        raise ConfigError(f"model.quantize={method} freezes the base in {method}, but adapter=full trains every "
+                          f"weight; fix: model.quantize=none, or an adapter (adapter=lora)")
 
 
 def _check_model(model) -> None:

@@ -2,7 +2,9 @@
 
 Memory by component (bytes), for a batch of ``batch`` sequences of ``seq`` tokens:
 
-- frozen weights: Σ numel · element size over parameters that do not train;
+- frozen weights: Σ numel · element size over parameters that do not train, and for a quantized base
+  (``model.quantize``) its storage: NF4 0.5 byte per weight plus 1/64 (8-bit block constants) plus 4/(64·256)
+  (their float32 second-level constants), int8 1 byte plus a float32 per row;
 - trainable weights, gradients, optimizer state: AdamW keeps two moments in the parameter's dtype, so a
   float32 trained parameter costs 4 (weight) + 4 (gradient) + 8 (moments) = 16 bytes — the "16 bytes per
   parameter" of mixed-precision Adam training (2 + 2 for 16-bit weight and gradient, 12 for the float32
@@ -202,6 +204,15 @@ def predict(model: nn.Module, *, batch: int, seq: int, autocast: bool, kind: str
         index = layer_index(name)
         if p.dim() == 2 and index is not None:
             matmul_layer[index] = matmul_layer.get(index, 0) + p.numel()
+    # quantized bases (lowrank.quantize): their storage is no parameter; NF4 costs 0.5 byte per weight plus its
+    # double-quantized constants (QLoRA, arXiv 2305.14314 §3: 8 bits per 64, a float32 per 64·256)
+    from lowrank.quantize import quantized_layers
+
+    for name, layer in quantized_layers(model).items():
+        frozen += int(round(layer.predicted_bytes()))
+        index = layer_index(name + ".weight")
+        if index is not None:
+            matmul_layer[index] = matmul_layer.get(index, 0) + layer.in_features * layer.out_features
     weight_bytes = next(model.parameters()).element_size()
     stream = weight_bytes
     compute = 2 if (autocast or weight_bytes == 2) else 4

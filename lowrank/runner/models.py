@@ -179,9 +179,11 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load(model_cfg, task_cfg, config=None, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+def load(model_cfg, task_cfg, config=None, dtype: torch.dtype | None = None,
+         device: torch.device | str | None = None) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` for ``task_cfg.kind`` with weights in ``dtype`` (default: ``model.dtype``, float32
-    for ``auto``); a new classification head is randomly initialised from torch's global RNG, so seed first."""
+    for ``auto``); a new classification head is randomly initialised from torch's global RNG, so seed first.
+    ``model.quantize`` other than none: the model is moved to ``device`` and quantized there (see ``quantized``)."""
     _quiet()
     config = config if config is not None else load_config(model_cfg, task_cfg)
     path, kwargs = source(model_cfg)
@@ -191,4 +193,29 @@ def load(model_cfg, task_cfg, config=None, dtype: torch.dtype | None = None) -> 
                      dtype=dtype or DTYPES.get(model_cfg.dtype, torch.float32), **kwargs)
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    quantized(model, model_cfg, device)
     return model, tokenizer
+
+
+# ---- quantized bases (model.quantize; lowrank.quantize) ---------------------------------------------------
+def quantized(model: nn.Module, model_cfg, device: torch.device | str | None = None) -> dict | None:
+    """Store the frozen base as ``model.quantize`` (nf4: QLoRA's NF4 with double quantisation; int8), on ``device``
+    (bitsandbytes' kernels on CUDA, torchao's NF4Tensor on the CPU), from the weights as loaded: a GGUF base
+    (SmolLM2) is re-quantized from its dequantized float weights. The summary is kept on the model as
+    ``lowrank_quantization`` (result.json's ``quantization``)."""
+    from lowrank.quantize import QuantizationError, quantize
+
+    method = model_cfg.get("quantize") or "none"
+    if method == "none":
+        return None
+    if device is not None:
+        model.to(device)
+    try:
+        summary = quantize(model, method)
+    except QuantizationError as e:
+        raise ConfigError(f"model {model_cfg.name!r}: {e}") from e
+    log.info("model %s: %d linear layers in %s (%.1f MB); W0, for the adapters and the ΔW analyses, is their "
+             "dequantized weight", model_cfg.name, summary["layers"], method, summary["bytes"] / 2**20)
+    model.lowrank_quantization = summary
+    return summary
+# ---- end of quantized bases ---------------------------------------------------------------------------

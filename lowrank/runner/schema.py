@@ -19,6 +19,7 @@ class ModelConfig:
     pretrained: str = MISSING          # hub name, local folder, or pkg://<package>/<folder>
     gguf_file: Optional[str] = None    # a GGUF file inside `pretrained` (dequantised on load)
     dtype: str = "auto"                # auto: bf16 on CUDA under bf16 autocast, float32 otherwise
+    quantize: str = "none"             # frozen base stored as nf4 (QLoRA) / int8 / none: lowrank.quantize
     revision: Optional[str] = None
     trust_remote_code: bool = False
 
