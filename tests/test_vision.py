@@ -265,3 +265,58 @@ def test_digits_task_is_sklearns_digits_with_a_fixed_split():
         assert (image[0] == image[1]).all() and (image[0] == image[2]).all()  # grayscale replicated
         # bicubic upscaling keeps the mean brightness of the 0..16 → 0..255 image
         assert abs(image.mean() - digits.images[i].mean() * 255 / 16) < 6
+
+
+# ---- the runner and the analyses on a ConvNet --------------------------------------------------------------
+
+def test_conv_modules_are_analysed_as_reshaped_matrices():
+    from analysis.names import CONV_LAYOUT, conv_note, parse_module_name
+
+    assert parse_module_name("blocks.3.1.conv_dw") == (3, "conv")
+    assert parse_module_name("conv_stem") == (None, "conv")
+    assert parse_module_name("bert.encoder.layer.2.attention.self.query") == (2, "q")
+    assert conv_note(["blocks.3.1.conv_dw"]) == CONV_LAYOUT and conv_note(["layer.0.attention.self.query"]) is None
+    # the layout named is the one ΔW has: weight.flatten(1) of the (out, in/groups, kh, kw) kernel
+    conv = nn.Conv2d(6, 4, 3, groups=2)
+    w0 = conv.weight.detach().clone()
+    layer = lowrank.adapt(nn.Sequential(conv), "lora", targets=["0"], rank=2)[0]
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    delta = layer.delta_weight()
+    assert delta.shape == (4, 3 * 3 * 3)
+    layer.merge()
+    torch.testing.assert_close(layer.base.weight.detach() - w0, delta.reshape(4, 3, 3, 3))
+
+
+def test_image_folder_errors_before_any_model_loads(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "pics" / "cat").mkdir(parents=True)
+    (tmp_path / "pics" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (tmp_path / "pics" / "dog").mkdir()
+    done = run_cli("model=efficientnet_lite0", "task=digits", "task.name=pics", "task.num_labels=2", "task.image.source=folder",
+                   "task.image.folder=pics", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+                   data_dir=tmp_path, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "broken.png cannot be read" in lines[0] and "fix:" in lines[0], done.stderr
+
+
+@pytest.mark.integration
+@needs_lite0
+def test_efficientnet_on_digits_trains_saves_and_reloads(tmp_path):
+    """The documented command on the CPU, offline; the saved adapter rebuilds the trained model's outputs."""
+    from conftest import cli_env, run_cli
+
+    from lowrank.runner.results import load_run
+
+    run_dir = tmp_path / "run"
+    env = cli_env(None, LOWRANK_CACHE_DIR=tmp_path / "cache")
+    done = run_cli("model=efficientnet_lite0", "task=digits", "adapter=flora", "trainer=smoke", "logger=none",
+                   f"hydra.run.dir={run_dir}", env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = load_run(run_dir)
+    assert run.status == "completed" and run.result["final"]["eval/accuracy"] is not None
+    assert run.adapter_config["modules"][0] == "conv_stem" and len(run.adapter_config["modules"]) == 17
+    deltas = run.deltas()
+    assert deltas["blocks.1.0.conv_dw"].shape == (96, 9)
