@@ -46,7 +46,7 @@ def _rows(sweep_dir: Path) -> list[dict]:
         form = get("adapter.options.conv_form", "peft")
         method = {"lora": f"LoRA ({'loralib ConvLoRA' if form == 'loralib' else 'PEFT Conv2d'})", "flora": "FLoRA",
                   "dora": "DoRA", "bitfit": "BitFit", "head": "head only", "full": "full FT"}[adapter]
-        out.append({"method": method, "adapter": adapter, "rank": get("rank", 8) if adapter in ("lora", "flora", "dora")
+        out.append({"method": method, "adapter": adapter, "rank": int(get("rank", 8)) if adapter in ("lora", "flora", "dora")
                     else None, "scale": get("adapter.options.scale"), "model": get("model"), "seed": int(get("seed", 0)),
                     "trainable": int(row["trainable_params"]), "accuracy": float(row["final/accuracy"])})
     return out

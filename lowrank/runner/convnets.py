@@ -72,8 +72,19 @@ def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, pa
     return nn.Identity(), nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
 
 
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm on its running statistics (``EfficientNetLite.train`` keeps it in eval mode), computed in float32
+    whatever the dtypes of the input, the (trainable, float32) affine parameters and the (bf16) buffers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        return F.batch_norm(x.float(), self.running_mean.float(), self.running_var.float(), self.weight.float(),
+                            self.bias.float(), False, 0.0, self.eps).to(x.dtype)
+
+
 def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return FrozenStatsBatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 class DepthwiseSeparable(nn.Module):
