@@ -320,3 +320,25 @@ def test_efficientnet_on_digits_trains_saves_and_reloads(tmp_path):
     assert run.adapter_config["modules"][0] == "conv_stem" and len(run.adapter_config["modules"]) == 17
     deltas = run.deltas()
     assert deltas["blocks.1.0.conv_dw"].shape == (96, 9)
+
+
+def test_hub_image_dataset_is_read_through_datasets(monkeypatch):
+    """A `datasets` image dataset (as users with internet load it): PIL images in `task.image.column`, labels in
+    `task.hub.label`; here the hub is replaced by an in-memory DatasetDict of the same shape."""
+    import datasets
+    from PIL import Image
+
+    from lowrank.runner import images
+
+    def fake(path, name=None):
+        assert path == "someone/pets"
+        rows = {"img": [Image.new("RGB", (10, 20), (i * 40, 0, 0)) for i in range(4)], "y": [0, 1, 0, 1]}
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                                     "test": datasets.Dataset.from_dict(rows)})
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    task = OmegaConf.merge(_folder_task(source="hub", column="img", folder=None),
+                           {"hub": {"path": "someone/pets", "label": "y", "train": "train", "eval": "test"}})
+    splits = images.read(task, "unused")
+    assert splits["train"]["label"] == [0, 1, 0, 1]
+    red = splits["eval"]["pixels"][3].reshape(3, 16, 16)
+    assert (red[0] == 120).all() and (red[1:] == 0).all()
