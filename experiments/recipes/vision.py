@@ -97,6 +97,19 @@ def vision_checks(d: Path) -> list[Check]:
                                 f"{100 * flora['accuracy_mean']:.1f} vs {100 * lora['accuracy_mean']:.1f}",
                                 "comparable accuracy, 80 % fewer parameters (ConvNeXt, Table 1)",
                                 flora["accuracy_mean"] >= lora["accuracy_mean"] - 0.01))
+    full, flora_large = by.get(("full FT", None)), by.get(("FLoRA", BUDGETS["large"]["flora"]))
+    if full and flora_large:
+        checks.append(Check(f"FLoRA r={BUDGETS['large']['flora']} vs full fine-tuning: accuracy (within 1 point) with "
+                            f"≥ 80 % fewer trainable parameters",
+                            f"{100 * flora_large['accuracy_mean']:.1f} vs {100 * full['accuracy_mean']:.1f} "
+                            f"({flora_large['trainable']:,} vs {full['trainable']:,})",
+                            "comparable to full fine-tuning with an 80 % smaller budget",
+                            flora_large["accuracy_mean"] >= full["accuracy_mean"] - 0.01
+                            and flora_large["trainable"] <= 0.2 * full["trainable"]))
+    bitfit = by.get(("BitFit", None))
+    if bitfit and head:
+        checks.append(Check(f"BitFit ({bitfit['trainable']:,} trainable) vs head only (accuracy %)",
+                            f"{100 * bitfit['accuracy_mean']:.1f} vs {100 * head['accuracy_mean']:.1f}"))
     loralib = by.get(("LoRA (loralib ConvLoRA)", 1))
     flora_small = by.get(("FLoRA", BUDGETS["small"]["flora"]))
     if loralib and flora_small:
