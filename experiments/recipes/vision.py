@@ -46,9 +46,12 @@ def _rows(sweep_dir: Path) -> list[dict]:
         form = get("adapter.options.conv_form", "peft")
         method = {"lora": f"LoRA ({'loralib ConvLoRA' if form == 'loralib' else 'PEFT Conv2d'})", "flora": "FLoRA",
                   "dora": "DoRA", "bitfit": "BitFit", "head": "head only", "full": "full FT"}[adapter]
-        out.append({"method": method, "adapter": adapter, "rank": int(get("rank", 8)) if adapter in ("lora", "flora", "dora")
+        result = json.loads((sweep_dir / row["run"] / "result.json").read_text())
+        device = "GPU, bf16 autocast" if "peak_gpu_memory_mb" in result else "CPU, float32"
+        out.append({"method": method, "device": device, "adapter": adapter, "rank": int(get("rank", 8)) if adapter in ("lora", "flora", "dora")
                     else None, "scale": get("adapter.options.scale"), "model": get("model"), "seed": int(get("seed", 0)),
-                    "trainable": int(row["trainable_params"]), "accuracy": float(row["final/accuracy"])})
+                    "trainable": int(row["trainable_params"]), "accuracy": float(row["final/accuracy"]),
+                    "run": f"`{row['run'].split(',model=')[0]},seed={int(get('seed', 0))}`"})
     return out
 
 
@@ -69,7 +72,8 @@ def collect_vision(sweep_dir: Path) -> None:
     summary = []
     for (method, rank), runs in sorted(_groups(rows, ("method", "rank")).items(), key=lambda kv: kv[1][0]["trainable"]):
         mean, std = _mean_std([r["accuracy"] for r in runs])
-        summary.append({"method": method, "rank": rank, "trainable": runs[0]["trainable"], "accuracy_mean": mean,
+        summary.append({"method": method, "rank": rank, "device": runs[0]["device"], "trainable": runs[0]["trainable"],
+                        "accuracy_mean": mean,
                         "accuracy_std": std, "seeds": {r["seed"]: r["accuracy"] for r in runs}})
     write_json(sweep_dir / "flora_vision.json", {"runs": rows, "summary": summary})
 
@@ -125,15 +129,15 @@ def vision_checks(d: Path) -> list[Check]:
 def vision_tables(d: Path) -> list[str]:
     summary, runs = _summary(d), json.loads((d / "flora_vision.json").read_text())["runs"]
     lines = ["Accuracy against trainable parameters (digits eval, 360 images; mean ± std over seeds, %):", ""]
-    lines += markdown(["method", "rank", "trainable params", "accuracy", "seed 0", "seed 1", "seed 2"],
+    lines += markdown(["method", "rank", "trainable params", "accuracy", "seed 0", "seed 1", "seed 2", "where"],
                       [[s["method"], s["rank"] if s["rank"] is not None else "-", f"{s['trainable']:,}",
                         f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f}",
-                        *[f"{100 * s['seeds'][k]:.1f}" if k in s["seeds"] else "-" for k in ("0", "1", "2")]]
-                       for s in summary])
+                        *[f"{100 * s['seeds'][k]:.1f}" if k in s["seeds"] else "-" for k in ("0", "1", "2")],
+                        s.get("device", "")] for s in summary])
     lines += ["", f"Every run ({len(runs)}):", ""]
-    lines += markdown(["method", "rank", "seed", "trainable params", "accuracy"],
+    lines += markdown(["method", "rank", "seed", "trainable params", "accuracy", "where", "run"],
                       [[r["method"], r["rank"] if r["rank"] is not None else "-", r["seed"], f"{r['trainable']:,}",
-                        f"{100 * r['accuracy']:.2f}"] for r in sorted(runs, key=lambda r: (r["trainable"], r["method"],
+                        f"{100 * r['accuracy']:.2f}", r["device"], r["run"]] for r in sorted(runs, key=lambda r: (r["trainable"], r["method"],
                                                                                            r["seed"]))])
     return lines
 
