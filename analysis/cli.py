@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--vmin", type=float, default=0.1, help="colour bar minimum (paper: 0.1)")
             s.add_argument("--vmax", type=float, default=0.2, help="colour bar maximum (paper: 0.2)")
         if name == "amplification":
-            s.add_argument("--matrices", nargs="+", choices=list("qkvo"), default=["q", "v"],
-                           help="matrix kinds (the first one is tabulated in the paper layout)")
+            s.add_argument("--matrices", nargs="+", choices=[*"qkvo", "conv"], default=["q", "v"],
+                           help="matrix kinds (the first one is tabulated in the paper layout); conv: a ConvNet's "
+                                "convolutions")
             s.add_argument("--svd", choices=["auto", "full", "lanczos"], default="auto",
                            help="W's top-r SVD: exact, truncated (Lanczos), or auto by size")
         if name == "decomposition":
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--relative-m", action="store_true",
                            help="ΔM relative to ‖W0_n‖ (a labelled extra, not the paper's definition)")
         if name == "spectrum":
-            s.add_argument("--matrices", nargs="+", choices=list("qkvo"), default=["q", "v"])
+            s.add_argument("--matrices", nargs="+", choices=[*"qkvo", "conv"], default=["q", "v"],
+                           help="matrix kinds; conv: a ConvNet's convolutions")
             s.add_argument("--top", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64],
                            help="r of the energy-in-top-r columns (and the lines on the figure)")
         if name == "intruders":

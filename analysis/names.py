@@ -5,6 +5,7 @@ Pure string handling; no model or run is loaded here.
     bert.encoder.layer.3.attention.self.query      → (3, "q")
     model.layers.3.self_attn.v_proj                → (3, "v")
     transformer.h.3.attn.c_attn[q]                 → (3, "q")   (slices of a fused qkv projection)
+    blocks.3.1.conv_dw                             → (3, "conv") (a ConvNet's convolution; 3 = its stage)
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import re
 
 from lowrank.targeting import LAYER_INDEX
 
-__all__ = ["parse_module_name", "matrix_label", "KINDS"]
+__all__ = ["parse_module_name", "matrix_label", "KINDS", "CONV_LAYOUT", "conv_note"]
 
 KINDS = ("q", "k", "v", "o")
+#: How a convolution's ΔW enters the matrix analyses (lowrank.adapters.base: ``weight.flatten(1)``).
+CONV_LAYOUT = ("convolution updates are analysed as (out, in/groups·kh·kw) matrices (the kernel reshaped "
+               "output-channel-major, as PEFT and loralib reshape it)")
 
 # last path component (or a [slice] suffix) → kind; checked in order
 _KIND_PATTERNS = [
@@ -24,6 +28,7 @@ _KIND_PATTERNS = [
     (re.compile(r"(?:^|[._])(k_proj|key|k|wk|k_lin)$"), "k"),
     (re.compile(r"(?:^|[._])(v_proj|value|v|wv|v_lin)$"), "v"),
     (re.compile(r"(?:^|[._])(o_proj|out_proj|dense|wo|o|out_lin|c_proj|dense_proj)$"), "o"),
+    (re.compile(r"(?:^|\.)conv[a-z_]*$"), "conv"),  # timm-style ConvNets: conv_stem, conv_dw, conv_pw, ...
 ]
 _ANY_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -55,3 +60,8 @@ def parse_module_name(name: str) -> tuple[int | None, str | None]:
 def matrix_label(kind: str | None) -> str:
     """'q' → 'Wq' (the papers' names)."""
     return f"W{kind}" if kind else "W"
+
+
+def conv_note(modules) -> str | None:
+    """``CONV_LAYOUT`` when any of ``modules`` (qualified names) is a convolution, else None."""
+    return CONV_LAYOUT if any(parse_module_name(m)[1] == "conv" for m in modules) else None

@@ -88,3 +88,16 @@ FLORA_PARAMS = {
     "claim": "on convolutions FLoRA needs far fewer parameters than LoRA at the same rank "
              "(≈ 80% fewer); on linear layers slightly more",
 }
+
+FLORA_VISION = {
+    "source": "FLoRA (Si et al. 2024, arXiv 2405.14739) Table 1: ConvNeXt, FLoRA vs LoRA/DoRA at several parameter "
+              "budgets (its numbers are not reproduced here; the claims are)",
+    "claims": ["comparable to full fine-tuning with an 80% smaller parameter budget",
+               "outperforms LoRA and DoRA across parameter budgets on convolutions"],
+}
+
+FLORA_SCALE = {
+    "source": "FLoRA (Si et al. 2024, arXiv 2405.14739): s = 4 on ConvNeXt convolutions (official example), "
+              "s = 0.04 on InternViT-6B / LLaVA linear layers",
+    "claim": "the best scale s is large on convolutions and small on linear layers",
+}

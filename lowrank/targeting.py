@@ -157,6 +157,8 @@ def resolve(model: nn.Module, targets, layers=None) -> list[Target]:
             pattern, slicer = (spec, None) if isinstance(spec, str) else spec
             regex = re.compile(rf"(?:^|.*\.){pattern}")
             match = lambda name, regex=regex: regex.fullmatch(name) is not None
+        elif target in CONV_KINDS:
+            slicer, match = None, conv_kind_matcher(model, target)
         else:
             slicer, match = None, _explicit_matcher(target)
         for name, module in modules.items():
@@ -176,3 +178,31 @@ def resolve(model: nn.Module, targets, layers=None) -> list[Target]:
             raise ValueError(f"target {target!r} matched no adaptable module{where} of {type(model).__name__}; "
                              f"choose from q, k, v, o (mapped per family) or module names: {candidates(model)}")
     return list(found.values())
+
+
+# ---- convolutions by layer kind (ConvNets) ----------------------------------------------------------------
+
+#: ``conv``: every k×k convolution with k > 1 (depthwise and stem included); ``pointwise``: every 1×1
+#: convolution; ``depthwise``: groups = input channels = output channels / multiplier (one filter per channel);
+#: ``stem``: the model's first convolution (module order). ``layers=[...]`` selects by stage: the index after
+#: ``blocks.``/``layers.`` in the module name (timm's ``blocks.<stage>.<i>``).
+CONV_KINDS = ("conv", "pointwise", "depthwise", "stem")
+
+
+def conv_kind(module: nn.Module) -> set[str]:
+    """The kinds (``CONV_KINDS`` without ``stem``) of one module; empty for anything but an ``nn.Conv2d``."""
+    if not isinstance(module, nn.Conv2d):
+        return set()
+    kinds = {"conv"} if max(module.kernel_size) > 1 else {"pointwise"}
+    if module.groups > 1 and module.groups == module.in_channels:
+        kinds.add("depthwise")
+    return kinds
+
+
+def conv_kind_matcher(model: nn.Module, kind: str) -> Callable[[str], bool]:
+    """Whether a qualified module name is a convolution of ``kind``."""
+    modules = dict(model.named_modules())
+    if kind == "stem":
+        first = next((n for n, m in modules.items() if isinstance(m, nn.Conv2d)), None)
+        return lambda name: name == first
+    return lambda name: kind in conv_kind(modules[name])

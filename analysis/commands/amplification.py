@@ -43,7 +43,7 @@ def _chosen(args, runs):
 
 
 def amplification(args) -> Produced:
-    from analysis.names import parse_module_name
+    from analysis.names import conv_note, parse_module_name
     from analysis.tables import PAPER_TABLE7, per_layer, table7, write_table
 
     infos = load(args)
@@ -64,6 +64,8 @@ def amplification(args) -> Produced:
     if not modules:
         raise UsageError(f"no adapted {sorted(kinds)} modules with base weights; pass --matrices from q k v o")
     updates = {r: {m: u for m, u in upd.items() if m in modules} for r, upd in updates.items()}
+    if conv_note(modules):
+        print(conv_note(modules))
     study = _study(base, updates, chosen, args)
     out = out_dir(args, infos, "amplification")
     layer = args.layer if args.layer is not None else int(middle(sorted(study["layer"].dropna().unique())))

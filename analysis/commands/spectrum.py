@@ -38,7 +38,7 @@ def spectrum(args) -> Produced:
     import pandas as pd
 
     from analysis import figures
-    from analysis.names import parse_module_name
+    from analysis.names import conv_note, parse_module_name
     from analysis.spectrum import effective_rank, energy_top, singular_values, spectrum_figure, stable_rank
 
     infos = load(args)
@@ -48,12 +48,14 @@ def spectrum(args) -> Produced:
         if not runs:
             raise UsageError(f"no run with a weight update at --seed {args.seed}; seeds present: "
                              f"{sorted({i.seed for i in with_delta(infos)}, key=str)}")
-    rows, spectra, dirs = [], {}, {}
+    rows, spectra, dirs, noted = [], {}, {}, False
     labels = [run_label(i) for i in runs]
     for info, label in zip(runs, labels):
         if labels.count(label) > 1:  # e.g. two FT runs at different lr: tell them apart by their folder
             label = f"{label} ({info.dir.name})"
         deltas = {m: d for m, d in updated(final_deltas(info)).items() if parse_module_name(m)[1] in args.matrices}
+        if conv_note(deltas) and not noted:
+            noted = print(conv_note(deltas)) or True
         if not deltas:
             print(f"{info.dir.name} ({label}): no updated {'/'.join(args.matrices)} matrix, skipped", file=sys.stderr)
             continue

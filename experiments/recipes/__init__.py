@@ -16,7 +16,7 @@ from importlib import import_module
 
 from experiments.recipes.base import QUICK, Check, Recipe
 
-MODULES = ("lora", "lora_long", "dora", "flora", "methods", "beyond")
+MODULES = ("lora", "lora_long", "dora", "flora", "methods", "beyond", "vision")
 
 
 def _registry() -> dict[str, Recipe]:

@@ -68,7 +68,7 @@ class AdapterSpec:
 
 ADAPTERS: dict[str, AdapterSpec] = {s.name: s for s in (
     AdapterSpec("lora", "LoRA", "LoRA, Hu et al. 2021 (arXiv 2106.09685): W0 + (α/r) B A", uses_rank=True,
-                options=("dropout", "rslora", "init"), build=lora.build, read_factors=lora.read_factors,
+                options=("dropout", "rslora", "init", "conv_form"), build=lora.build, read_factors=lora.read_factors,
                 delta_from_factors=True, has_delta=True),
     AdapterSpec("dora", "DoRA", "DoRA, Liu et al. 2024 (arXiv 2402.09353): m (W0 + ΔW) / ‖W0 + ΔW‖_c",
                 uses_rank=True,

@@ -10,7 +10,9 @@ plain multiplier (not α/r).
 - ``nn.Conv2d``: G is 4-D (r1, r2, r3, r4) and keeps the kernel's spatial modes; ΔW[o, c, y, x] =
   s Σ G[a, b, p, q] A_in[c, a] A_out[o, b] A_kh[y, p] A_kw[x, q]. It is applied in factored form
   (1×1 conv in→r1, then the k×k core conv r1→r2 carrying the base's stride, padding, padding mode and
-  dilation, then 1×1 conv r2→out), never forming the dense kernel. A grouped base convolution
+  dilation, then 1×1 conv r2→out), never forming the dense kernel, except on a depthwise convolution
+  (groups = in channels), whose dense (out, 1, kh, kw) update is applied with one depthwise convolution (the
+  same function, much faster than the three grouped ones). Another grouped base convolution
   (weight (out, in/groups, kh, kw)) is handled exactly by running the three convolutions with the same
   groups (shared A_in and core per group, the rows of A_out split by group). Parameters
   r1·r2·r3·r4 + (in/groups)·r1 + out·r2 + kh·r3 + kw·r4.
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import AdaptedLayer, conv_input, no_slices
+from lowrank.adapters.base import AdaptedLayer, apply_matrix, conv_input, no_slices
 
 CONV_SCALE = 4.0  # the official code's ConvNeXt example (SJTU-DeepVisionLab/FLoRA, r=[16,16,2,2], scale=4.0)
 
@@ -92,6 +94,9 @@ class FLoRA(AdaptedLayer):
             h = F.linear(x, self.A_in.t().to(dtype))
             return F.linear(F.linear(h, self.core.t().to(dtype)), self.A_out.to(dtype)) * self.scaling
         base, g = self.base, self.base.groups
+        if g > 1 and base.in_channels == g:  # depthwise: the dense (out, 1, kh, kw) update is tiny, and three
+            # convolutions of `groups` groups (each of r1 or r2 channels) are far slower than one depthwise one
+            return apply_matrix(base, "conv2d", x, self._update_matrix().to(dtype))
         h = F.conv2d(x, self.A_in.t().to(dtype)[:, :, None, None].repeat(g, 1, 1, 1), groups=g)
         h, padding = conv_input(base, h)  # padding commutes with the bias-free 1×1 conv above
         h = F.conv2d(h, self._spatial_core().to(dtype).repeat(g, 1, 1, 1), None, base.stride, padding,

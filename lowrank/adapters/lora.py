@@ -5,9 +5,16 @@ shape (out, r) and starts at zero, so ΔW = (α/r) B A = 0 at initialisation. ``
 α/√r (Kalajdzievski 2023, PEFT's ``use_rslora``). Dropout acts on the input of the low-rank branch
 only (loralib, PEFT).
 
-Base kinds: Linear, GPT-2 Conv1D, Embedding (no dropout, PEFT's convention), Conv2d (A as a k×k
-convolution into r channels and B as a 1×1 convolution, PEFT's and loralib's factored form; a grouped
-convolution runs the dense ΔW through the base's grouped operation instead).
+Base kinds: Linear, GPT-2 Conv1D, Embedding (no dropout, PEFT's convention), Conv2d in one of two forms,
+``conv_form``:
+
+- ``peft`` (default; huggingface/peft ``tuners/lora/layer.py`` ``Conv2d``): A (r, in/groups·k·k) applied as a
+  k×k convolution into r channels, B (out, r) as a 1×1 convolution; ΔW = (α/r) B A in the (out, in·k·k)
+  layout; r·(in/groups·k² + out) parameters. A grouped convolution runs the dense ΔW through the base's
+  grouped operation (a low-rank factorisation does not commute with grouping).
+- ``loralib`` (microsoft/LoRA ``loralib/layers.py`` ``ConvLoRA``): A (r·k, in·k), B (out/groups·k, r·k), and
+  ΔW = (α/r) · (B A).view(out, in/groups, k, k), r·k²·(in + out/groups) parameters, applied densely.
+  ``lora_A``/``lora_B`` then hold loralib's shapes, not (r, in)/(out, r).
 
 ``FusedLoRA`` adapts chosen slices of a fused projection (GPT-2 ``c_attn``, GPT-NeoX
 ``query_key_value``): one independent (A, B) pair per slice, zero update elsewhere, like loralib's
@@ -23,6 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank.adapters.base import AdaptedLayer, apply_matrix, check_rank_fits, conv_input, to_native
+
+
+CONV_FORMS = ("peft", "loralib")
 
 
 def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
@@ -52,18 +62,31 @@ class LoRA(AdaptedLayer):
     adapter_name = "lora"
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None = None, *, dropout: float = 0.0,
-                 rslora: bool = False, init: str = "default"):
+                 rslora: bool = False, init: str = "default", conv_form: str = "peft"):
         super().__init__(base)
+        if conv_form not in CONV_FORMS:
+            raise ValueError(f"conv_form={conv_form!r} is unknown; choose one of {', '.join(CONV_FORMS)}")
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = lora_scaling(self.alpha, rank, rslora)
-        self.lora_A = _factor((rank, self.in_features), base.weight)
-        self.lora_B = _factor((self.out_features, rank), base.weight)
+        self.loralib_conv = self.kind == "conv2d" and conv_form == "loralib"
+        if self.loralib_conv:
+            k = base.kernel_size[0]
+            if base.kernel_size[0] != base.kernel_size[1]:
+                raise ValueError(f"conv_form=loralib needs a square kernel, got {tuple(base.kernel_size)}; use "
+                                 f"conv_form=peft")
+            a_shape, b_shape = (rank * k, base.in_channels * k), (base.out_channels // base.groups * k, rank * k)
+        else:
+            a_shape, b_shape = (rank, self.in_features), (self.out_features, rank)
+        self.lora_A = _factor(a_shape, base.weight)
+        self.lora_B = _factor(b_shape, base.weight)
         init_lora_pair(self.lora_A, self.lora_B)
         self.lora_dropout = _dropout(dropout) if self.kind != "embedding" else nn.Identity()
         init_from_weight(self, init)
 
     def _update_matrix(self) -> torch.Tensor:
+        if self.loralib_conv:  # loralib's ConvLoRA: (B A) viewed as the kernel
+            return (self.lora_B @ self.lora_A).view(self.base.weight.shape).flatten(1) * self.scaling
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +98,8 @@ class LoRA(AdaptedLayer):
         if self.kind == "embedding":
             return F.linear(apply_matrix(self.base, "embedding", x, A), B) * self.scaling
         base = self.base
+        if self.loralib_conv:
+            return apply_matrix(base, "conv2d", x, self._update_matrix().to(dtype))
         if base.groups != 1:  # a low-rank factorisation does not commute with grouping: go dense
             return apply_matrix(base, "conv2d", x, (B @ A) * self.scaling)
         x, padding = conv_input(base, x)
@@ -167,8 +192,10 @@ def build(target, rank: int, alpha: float | None, options: dict) -> AdaptedLayer
         check_init(options.get("init", "default"), target.name, fused=True)
         check_rank_fits(rank, target, rows=min(len(rows) for rows in target.slices.values()))
         return FusedLoRA(target.module, target.slices, rank, alpha, **kw)
-    check_rank_fits(rank, target)
-    return LoRA(target.module, rank, alpha, init=options.get("init", "default"), **kw)
+    conv_form = options.get("conv_form", "peft")
+    if conv_form != "loralib":  # loralib's ConvLoRA factors (r·k, in·k) and (out·k, r·k): no such bound
+        check_rank_fits(rank, target)
+    return LoRA(target.module, rank, alpha, init=options.get("init", "default"), conv_form=conv_form, **kw)
 
 
 def read_factors(module: str, tensors: dict[str, torch.Tensor], scaling: float) -> dict[str, dict]:

@@ -197,6 +197,9 @@ def _check_quantize(typed) -> None:
     if method != "none" and typed.adapter.name == "full":
         raise ConfigError(f"model.quantize={method} freezes the base in {method}, but adapter=full trains every "
                           f"weight; fix: model.quantize=none, or an adapter (adapter=lora)")
+    if method != "none" and typed.model.get("arch"):
+        raise ConfigError(f"model.quantize={method} applies to transformers' Linear layers, not to the image "
+                          f"backbone model.arch={typed.model.arch}; fix: model.quantize=none")
 
 
 def _check_model(model) -> None:
@@ -227,6 +230,8 @@ def _check_task(task) -> None:
                           f"{', '.join(METRICS[task.kind])}")
     if task.kind == "classification" and task.num_labels < 2:
         raise ConfigError(f"task.num_labels={task.num_labels} for classification; fix: task.num_labels>=2")
+    if task.get("image") is not None:  # images: their own checks (no local text files)
+        return _image_task().check_task(task)
     if task.local.format not in LOCAL_FORMATS:
         raise ConfigError(f"task.local.format={task.local.format!r} is unknown; fix: one of {', '.join(LOCAL_FORMATS)}")
     if task.local.all is None and (task.local.train is None or task.local.eval is None):
@@ -324,10 +329,18 @@ def local_files(task) -> dict[str, str]:
     return {k: local.get(k) for k in ("train", "eval", "test") if local.get(k)}
 
 
+def _image_task():
+    from lowrank.runner import images
+
+    return images
+
+
 def check_data_dir(task, data_dir: str) -> None:
     """Raise if the task's local files are missing and the hub cannot stand in. A folder the user named
     (LOWRANK_DATA_DIR or paths.data_dir) must hold them; only the default location falls back to the hub
     source (online, for tasks that have one)."""
+    if task.get("image") is not None:
+        return _image_task().check(task, data_dir)
     root = Path(str(data_dir)).expanduser()
     missing = [rel for rel in local_files(task).values() if not (root / rel).is_file()]
     if not missing:

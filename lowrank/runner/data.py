@@ -251,6 +251,10 @@ def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int |
     the cache when this exact tokenisation was done before."""
     from lowrank.atomic import atomic_path
 
+    if task.get("image") is not None:  # an image task: pixels, not tokens
+        from lowrank.runner import images
+
+        return images.load(task, tokenizer, data_dir=data_dir, max_eval_samples=max_eval_samples)
     cache = _cache_file(task, tokenizer, data_dir, max_seq_len, max_eval_samples)
     if cache is not None and cache.is_file():
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank.runner import images
 from lowrank.runner.config import ConfigError, cache_dir, first_line, package_dir
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ def _loading(what: str, model_cfg, fn, *args, **kwargs):
 
 def load_config(model_cfg, task_cfg):
     """The transformers config, with the task's label count (reads config.json / GGUF metadata only)."""
+    if model_cfg.get("arch"):
+        return images.model_config(model_cfg, task_cfg)
     from transformers import AutoConfig
 
     _quiet()
@@ -163,6 +166,8 @@ def load_config(model_cfg, task_cfg):
 
 def skeleton(model_cfg, task_cfg, config=None) -> nn.Module:
     """The model's modules on the meta device: names and shapes, no weights (for validating targets)."""
+    if model_cfg.get("arch"):
+        return images.skeleton(model_cfg, task_cfg)
     config = config if config is not None else load_config(model_cfg, task_cfg)
     with torch.device("meta"):
         return _auto_class(task_cfg).from_config(config)
@@ -183,7 +188,10 @@ def load(model_cfg, task_cfg, config=None, dtype: torch.dtype | None = None,
          device: torch.device | str | None = None) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` for ``task_cfg.kind`` with weights in ``dtype`` (default: ``model.dtype``, float32
     for ``auto``); a new classification head is randomly initialised from torch's global RNG, so seed first.
-    ``model.quantize`` other than none: the model is moved to ``device`` and quantized there (see ``quantized``)."""
+    ``model.quantize`` other than none: the model is moved to ``device`` and quantized there (see ``quantized``).
+    An image backbone (``model.arch``) gives ``(model, ImageProcessor)``."""
+    if model_cfg.get("arch"):
+        return images.load_model(model_cfg, task_cfg, dtype)
     _quiet()
     config = config if config is not None else load_config(model_cfg, task_cfg)
     path, kwargs = source(model_cfg)

@@ -122,8 +122,8 @@ class Run:
         if not method.has_delta:
             raise ValueError(f"adapter {config['adapter']!r} ({method.label}) leaves the target weights unchanged "
                              f"(ΔW = 0); weight analyses need runs of a method with ΔW (lora, dora, flora, ia3, full, ...)")
-        if method.delta_from_factors:
-            f = self.factors()
+        if method.delta_from_factors and config.get("options", {}).get("conv_form") != "loralib":
+            f = self.factors()  # (loralib's ConvLoRA factors are not (out, r)·(r, in): rebuilt below)
             if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each
                 return {name: (e["scaling"] * (e["B"].double() @ e["A"].double())).float() for name, e in f.items()}
         if not method.wraps:  # trained base weights (full fine-tuning): ΔW = W − W0

@@ -22,6 +22,11 @@ class ModelConfig:
     quantize: str = "none"             # frozen base stored as nf4 (QLoRA) / int8 / none: lowrank.quantize
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # image backbones (lowrank/runner/convnets.py): set `arch` for a ConvNet instead of a transformers model
+    arch: Optional[str] = None
+    padding: str = "symmetric"         # symmetric (k-1)/2, or TensorFlow's "same"
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -59,6 +64,16 @@ class GenerationConfig:
 
 
 @dataclass
+class ImageTaskConfig:
+    source: str = "folder"             # digits | folder | hub (lowrank/runner/images.py)
+    size: int = 224                    # images are resized (shorter side) and centre-cropped to size x size
+    folder: Optional[str] = None       # relative to paths.data_dir
+    labels: List[str] = field(default_factory=list)   # class folder names in label order; [] = sorted folders
+    column: str = "image"              # the image column of a hub dataset
+    augment: bool = False              # random horizontal flips in training
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     kind: str = "classification"
@@ -69,6 +84,7 @@ class TaskConfig:
     hub: Optional[HubSource] = None
     prompt: str = "{mr}\n"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    image: Optional[ImageTaskConfig] = None   # an image classification task (lowrank/runner/images.py)
 
 
 @dataclass
