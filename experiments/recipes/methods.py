@@ -259,7 +259,7 @@ COST_ADAPTERS = ("lora", "full", "houlsby", "prefix", "prompt", "top")
 
 
 def collect_costs(sweep_dir: Path) -> None:
-    """costs_cpu.json (and costs_gpu.json with a GPU): ``python -m lowrank.runner.costs`` per adapter, each in
+    """costs_cpu.json (and costs_gpu.json with a GPU): ``python -m lowrank.runner.costs`` (``benchmarks.costs``) per adapter, each in
     a fresh process (RSS growth is only meaningful in a process that has not trained before)."""
     import subprocess
     import sys
@@ -268,14 +268,14 @@ def collect_costs(sweep_dir: Path) -> None:
 
     from lowrank.atomic import write_json
 
-    targets = [("cpu", "minilm", COST_ADAPTERS)] + ([("gpu", "llama1b", ("lora", "full"))]
-                                                     if torch.cuda.is_available() else [])
-    for where, preset, adapters in targets:
+    # the packaged MiniLM through the runner's CLI; LLaMA-1B's shape (random init) through the benchmarks'
+    targets = [("cpu", ["lowrank.runner.costs"], COST_ADAPTERS)] + (
+        [("gpu", ["benchmarks.costs", "--preset", "llama1b"], ("lora", "full"))] if torch.cuda.is_available() else [])
+    for where, command, adapters in targets:
         rows = []
         for adapter in adapters:
             part = sweep_dir / f"costs_{where}_{adapter}.json"
-            subprocess.run([sys.executable, "-m", "lowrank.runner.costs", "--preset", preset, "--adapters", adapter,
-                            "--out", str(part)], check=True)
+            subprocess.run([sys.executable, "-m", *command, "--adapters", adapter, "--out", str(part)], check=True)
             rows += json.loads(part.read_text())
             part.unlink()
         write_json(sweep_dir / f"costs_{where}.json", rows)

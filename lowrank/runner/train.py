@@ -70,7 +70,6 @@ class FitResult:
     best: dict                       # metrics of the best evaluation by `metric` (with "step")
     resumed_from: int | None = None  # the checkpoint step this process started from
     wall_time_s: float = 0.0         # training time summed over every process that worked on the run
-    generations: list = field(default_factory=list)
     step_time_s: float | None = None    # median training step of this process (between host syncs)
     first_step_at: float | None = None  # wall clock (time.time()) when this process's first step was done
     fast_path: str = ""                 # what accel.plan chose
@@ -380,7 +379,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     bar.close()
     state["wall_time_s"] += time.time() - started
     return FitResult(steps=total, final=state["final"], best=state["best"], resumed_from=resumed_from,
-                     wall_time_s=state["wall_time_s"], generations=generations, step_time_s=clock.median(),
+                     wall_time_s=state["wall_time_s"], step_time_s=clock.median(),
                      first_step_at=clock.first_step_at, fast_path=fast.describe())
 
 
