@@ -128,23 +128,11 @@ def table1_markdown(rows: list[dict], where: str) -> str:
 # ---- Table 2: methods side by side ---------------------------------------------------------------------------
 
 def collect_runs(paths) -> list[dict]:
-    """One row per completed run: adapter, seed, trainable parameters, accuracy, peak memory, time."""
-    from lowrank.runner.rundir import read_result, run_dirs
+    """The rows of every finished run under ``paths`` (``lowrank.runner.results.rows``): adapter, seed, lr,
+    status, trainable parameters, final/<metric>, peak memory, steps and training time."""
+    from lowrank.runner.results import rows
 
-    rows = []
-    for root in paths:
-        for run in run_dirs(root, finished_only=True):
-            r = read_result(run)
-            if r is None:
-                continue
-            c = r.get("config", {})
-            rows.append({"adapter": c.get("adapter", {}).get("name"), "seed": c.get("seed"), "status": r["status"],
-                         "trainable_params": r.get("trainable_params"), "final": r.get("final"),
-                         "steps": r.get("steps"), "train_time_s": r.get("train_time_s"),
-                         "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"), "peak_memory_mb": r.get("peak_memory_mb"),
-                         "predicted_peak_mb": (r.get("predicted_costs") or {}).get("peak_mb"),
-                         "lr": c.get("trainer", {}).get("lr")})
-    return rows
+    return rows(paths, finished_only=True)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -156,7 +144,7 @@ def _mean_std(values: list[float]) -> str:
 def table2_markdown(rows: list[dict], where: str) -> str:
     done = [r for r in rows if r["status"] == "completed"]
     head = next((r for r in done if r["adapter"] == "head"), None)
-    head_acc = statistics.mean(100 * r["final"]["eval/accuracy"] for r in done if r["adapter"] == "head") \
+    head_acc = statistics.mean(100 * r["final/accuracy"] for r in done if r["adapter"] == "head") \
         if head else None
     memory = "peak_gpu_memory_mb" if any(r.get("peak_gpu_memory_mb") for r in done) else "peak_memory_mb"
     lines = [f"Ours ({where}; SST-2 dev accuracy after the default 250 steps, mean ± std over seeds):", "",
@@ -164,7 +152,7 @@ def table2_markdown(rows: list[dict], where: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for name in [m for m in TABLE2_METHODS if any(r["adapter"] == m for r in done)]:
         runs = [r for r in done if r["adapter"] == name]
-        acc = [100 * r["final"]["eval/accuracy"] for r in runs]
+        acc = [100 * r["final/accuracy"] for r in runs]
         above = "–" if head_acc is None or name == "head" else f"{sum(a > head_acc for a in acc)}/{len(acc)}"
         lines.append(f"| {name} | {runs[0]['trainable_params']:,} | {runs[0]['lr']:g} | {_mean_std(acc)} | {above} | "
                      f"{statistics.mean(r[memory] for r in runs):,.0f} | "
@@ -233,7 +221,7 @@ def table1_tables(d: Path) -> list[str]:
 
 def table2_checks(d: Path) -> list[Check]:
     rows = [r for r in collect_runs([d]) if r["status"] == "completed"]
-    acc = lambda m: [100 * r["final"]["eval/accuracy"] for r in rows if r["adapter"] == m]
+    acc = lambda m: [100 * r["final/accuracy"] for r in rows if r["adapter"] == m]
     head = statistics.mean(acc("head")) if acc("head") else None
     checks = []
     for name in TABLE2_METHODS:
