@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.portable import portable
 from experiments.recipes import RECIPES, Check, Recipe
 from lowrank.atomic import write_json, write_text
 
@@ -126,6 +127,7 @@ def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: boo
               "headline": headline, "overrides": overrides,
               "checks": [{"what": c.what, "ours": c.ours, "paper": c.paper, "holds": c.holds} for c in checks]}
     stem = sweep_dir / f"report_{recipe.name}"
+    lines, report = portable(lines), portable(report)  # reports get committed: no machine's paths in them
     write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(stem.with_suffix(".json"), report)
     print("\n".join(lines))

@@ -119,13 +119,14 @@ class Run:
                                f"{sorted(files)}")
             base = self.base_weights()
             return {name: w - base[name] for name, w in load_tensors(files[step]).items()}
-        from lowrank.adapters import spec
+        from lowrank.adapters import ADAPTERS, spec
 
         config = self.adapter_config
         method = spec(config["adapter"])
         if not method.has_delta:
+            with_delta = ", ".join(n for n, s in ADAPTERS.items() if s.has_delta)
             raise ValueError(f"adapter {config['adapter']!r} ({method.label}) leaves the target weights unchanged "
-                             f"(ΔW = 0); weight analyses need runs of a method with ΔW (lora, dora, flora, ia3, full, ...)")
+                             f"(ΔW = 0); weight analyses need runs of a method with ΔW ({with_delta})")
         if method.delta_from_factors:
             f = self.factors()
             if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each
