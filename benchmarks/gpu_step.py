@@ -31,7 +31,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
