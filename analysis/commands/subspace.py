@@ -31,6 +31,7 @@ class SubspaceSummary(Summary):
     chance_level_max: float                  # max(r1, r2)/d: φ of two random subspaces at (r1, r2)
     figure: str = "LoRA Figure 3"
 
+
 @dataclass
 class SeedsSummary(Summary):
     """LoRA Figure 4: φ(A, A') of two seeds at one rank, with a random Gaussian panel."""
@@ -52,6 +53,7 @@ class SeedsSummary(Summary):
     chance_corner_mean: float | None = None
     chance_threshold: float | None = None    # the random panel's 95th percentile of φ(i, i) on the diagonal
 
+
 @dataclass
 class LayersSummary(Summary):
     """LoRA Figures 6-7: Figures 3 and 4 for several layers (either part absent when the runs lack it)."""
@@ -60,6 +62,7 @@ class LayersSummary(Summary):
     fig6: dict | None = None   # {"ranks", "layers", "phi_11": {layer: {kind: φ(1,1)}}}
     fig7: dict | None = None   # {"rank", "seeds", "layers", "mean_phi": {layer: {kind: mean φ}}, "chance_mean_phi"}
     figures: str = "LoRA Figures 6 and 7"
+
 
 @dataclass
 class WSubspaceSummary(Summary):
