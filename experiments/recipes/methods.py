@@ -9,8 +9,8 @@ Table 2 (methods side by side) and the cost model against the runs (LoRA, Hu et 
 ``latency`` times one forward pass (torch.inference_mode, the fastest of ``repeats``; the variants interleaved
 in every repeat so that a busy machine slows them alike) of the packaged causal LM (SmolLM2-135M, LLaMA family)
 as: the base model, LoRA merged, LoRA unmerged, Houlsby and Pfeiffer adapters, and a (folded) prefix.
-``table2`` reads runs of ``python run.py -m adapter=<methods> seed=0,1,2`` (their result.json files, or the
-rows ``collect_runs`` writes) and prints mean ± std per method with trainable parameters, peak memory and
+``table2`` reads runs of ``python run.py -m adapter=<methods> seed=0,1,2`` (through
+``lowrank.runner.results.rows``, or a JSON list of those rows) and prints mean ± std per method with trainable parameters, peak memory and
 time per step, beside the paper's RoBERTa-base/large rows.
 """
 
@@ -127,14 +127,6 @@ def table1_markdown(rows: list[dict], where: str) -> str:
 
 # ---- Table 2: methods side by side ---------------------------------------------------------------------------
 
-def collect_runs(paths) -> list[dict]:
-    """The rows of every finished run under ``paths`` (``lowrank.runner.results.rows``): adapter, seed, lr,
-    status, trainable parameters, final/<metric>, peak memory, steps and training time."""
-    from lowrank.runner.results import rows
-
-    return rows(paths, finished_only=True)
-
-
 def _mean_std(values: list[float]) -> str:
     mean = statistics.mean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -220,7 +212,9 @@ def table1_tables(d: Path) -> list[str]:
 
 
 def table2_checks(d: Path) -> list[Check]:
-    rows = [r for r in collect_runs([d]) if r["status"] == "completed"]
+    from lowrank.runner.results import rows as run_rows
+
+    rows = [r for r in run_rows([d], finished_only=True) if r["status"] == "completed"]
     acc = lambda m: [100 * r["final/accuracy"] for r in rows if r["adapter"] == m]
     head = statistics.mean(acc("head")) if acc("head") else None
     checks = []
@@ -240,7 +234,9 @@ def table2_checks(d: Path) -> list[Check]:
 
 
 def table2_tables(d: Path) -> list[str]:
-    return [table2_markdown(collect_runs([d]), f"{d}")]
+    from lowrank.runner.results import rows as run_rows
+
+    return [table2_markdown(run_rows([d], finished_only=True), f"{d}")]
 
 
 COST_ADAPTERS = ("lora", "full", "houlsby", "prefix", "prompt", "top")
@@ -335,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_json(args.out, {"where": where, "rows": rows})
     else:
+        from lowrank.runner.results import rows as run_rows
+
         rows = []
         for path in map(Path, args.paths):
-            rows += json.loads(path.read_text()) if path.suffix == ".json" else collect_runs([path])
+            rows += json.loads(path.read_text()) if path.suffix == ".json" else run_rows([path], finished_only=True)
         text = table2_markdown(rows, args.where)
     if getattr(args, "out", None) and args.what == "table2":
         write_text(args.out, text)
