@@ -133,13 +133,17 @@ def probe_head(model: nn.Module, data: TaskData, cfg, device: torch.device, seed
 
 
 def micro_step(net: nn.Module, model: nn.Module, kind: str, device: torch.device, precision: str, *,
-               accumulate: int = 1, label_smoothing: float = 0.0, fused: bool = False, graphed: bool = False):
+               accumulate: int = 1, label_smoothing: float = 0.0, fused: bool = False, graphed: bool = False,
+               penalty: Callable[[], torch.Tensor | float] | None = None):
     """The forward and backward of one micro-batch, as a function of the batch that returns its loss
-    (÷ ``accumulate``, detached). ``graphed``: the function is captured as a CUDA graph, which must not
-    outlive autocast's cache of casted weights."""
+    (÷ ``accumulate``, detached). ``penalty()`` is added to the loss (a method's regulariser). ``graphed``: the
+    function is captured as a CUDA graph, which must not outlive autocast's cache of casted weights."""
     def run(batch: dict) -> torch.Tensor:
         with autocast(device, precision, cache=not graphed):
-            loss = batch_loss(net, model, batch, kind, fused=fused, label_smoothing=label_smoothing) / accumulate
+            loss = batch_loss(net, model, batch, kind, fused=fused, label_smoothing=label_smoothing)
+            if penalty is not None:
+                loss = loss + penalty()
+            loss = loss / accumulate
         loss.backward()
         return loss.detach()
 
@@ -147,13 +151,17 @@ def micro_step(net: nn.Module, model: nn.Module, kind: str, device: torch.device
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float = 0.0, *,
-                   scheduler=None, set_to_none: bool = True) -> torch.Tensor:
-    """After the micro-batches' backward passes: clip (``max_grad_norm`` > 0), update, advance the schedule,
-    zero the gradients; return the step's ``loss``. ``set_to_none=False`` keeps the ``.grad`` tensors (a
-    CUDA graph adds into the same ones every step)."""
+                   scheduler=None, set_to_none: bool = True, after_update: Callable[[], None] | None = None
+                   ) -> torch.Tensor:
+    """After the micro-batches' backward passes: clip (``max_grad_norm`` > 0), update, ``after_update()`` (a
+    method's own step after the update, e.g. a rank schedule), advance the schedule, zero the gradients; return
+    the step's ``loss``. ``set_to_none=False`` keeps the ``.grad`` tensors (a CUDA graph adds into the same
+    ones every step)."""
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
+    if after_update is not None:
+        after_update()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=set_to_none)
