@@ -26,25 +26,20 @@ LABELS = {"frozen_weights": "frozen weights", "trainable_weights": "trained weig
 
 
 def rows_from_runs(paths) -> list[dict]:
-    """One row per completed run with a cost prediction."""
-    from analysis.inputs import find_run_dirs
-    from lowrank.runner.rundir import read_result
+    """One row per completed run with a cost prediction (from ``lowrank.runner.results.rows``)."""
+    from lowrank.runner.results import rows as run_rows
 
-    rows = []
-    for run in find_run_dirs(paths):
-        result = read_result(run)
-        if not result or result.get("status") != "completed" or not result.get("predicted_costs"):
+    out = []
+    for row in run_rows(paths, finished_only=True):
+        c = {k.removeprefix("predicted/"): v for k, v in row.items() if k.startswith("predicted/")}
+        if row["status"] != "completed" or not c:
             continue
-        c = result["predicted_costs"]
-        cuda = result.get("peak_gpu_memory_mb")
-        start = result.get("rss_at_start_mb")
-        measured = cuda if cuda is not None else (result["peak_memory_mb"] - start if start is not None else None)
-        config = result.get("config", {})
-        rows.append({"adapter": config.get("adapter", {}).get("name"), "seed": config.get("seed"), **c,
-                     "predicted_mb": c["peak_mb"], "measured_mb": measured,
-                     "compared": "cuda peak" if cuda is not None else "RSS growth since start",
-                     "trainable_params": result.get("trainable_params")})
-    return rows
+        cuda, start = row["peak_gpu_memory_mb"], row["rss_at_start_mb"]
+        measured = cuda if cuda is not None else (row["peak_memory_mb"] - start if start is not None else None)
+        out.append({"adapter": row["adapter"], "seed": row["seed"], **c, "predicted_mb": c["peak_mb"],
+                    "measured_mb": measured, "compared": "cuda peak" if cuda is not None else "RSS growth since start",
+                    "trainable_params": row["trainable_params"]})
+    return out
 
 
 def load_rows(paths) -> list[dict]:

@@ -11,8 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import sys
+
 from analysis.names import parse_module_name
-from lowrank.runner.rundir import run_dirs
+from lowrank.runner.results import RESULT, run_dirs
 
 __all__ = [
     "RunInfo",
@@ -55,23 +57,33 @@ class RunInfo:
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories (those holding result.json) and PEFT adapter folders (adapter_config.json) at or below
-    each path, sorted, without duplicates."""
+    """Run directories that finished (those holding result.json) and PEFT adapter folders (adapter_config.json,
+    outside any run directory) at or below each path, sorted, without duplicates. Run directories that have
+    not finished (a job still running or killed) are skipped with one line naming them."""
     from analysis.peft_input import PEFT_CONFIG, is_peft_dir
 
     found: dict[Path, None] = {}
+    unfinished: list[Path] = []
     for p in paths:
         p = Path(p)
         if not p.exists():
             raise FileNotFoundError(f"{p} does not exist; pass a run directory or a sweep directory (multirun/...)")
-        hits = [q.resolve() for q in run_dirs(p, finished_only=True)]
-        hits += sorted(q.parent.resolve() for q in ([p / PEFT_CONFIG] if is_peft_dir(p) else p.rglob(PEFT_CONFIG))
-                       if is_peft_dir(q.parent) and not any(h in q.resolve().parents for h in hits))
+        runs = [q.resolve() for q in run_dirs(p)]
+        done = [q.resolve() for q in run_dirs(p, finished_only=True)]
+        unfinished += [q for q in runs if q not in done]
+        # a run's own adapter/ folder (finished or not) is never a PEFT folder of its own
+        hits = done + sorted(q.parent.resolve() for q in ([p / PEFT_CONFIG] if is_peft_dir(p) else p.rglob(PEFT_CONFIG))
+                             if is_peft_dir(q.parent) and not any(r == q.parent.resolve() or r in q.resolve().parents
+                                                                  for r in runs))
         if not hits:
-            raise FileNotFoundError(f"no run directory (with result.json) or PEFT adapter folder (with "
-                                    f"{PEFT_CONFIG}) under {p}; did the runs finish?")
+            where = f"; {len(unfinished)} run(s) have not finished: {', '.join(map(str, unfinished))}" if unfinished else ""
+            raise FileNotFoundError(f"no run directory (with {RESULT}) or PEFT adapter folder (with "
+                                    f"{PEFT_CONFIG}) under {p}{where}; did the runs finish?")
         for h in hits:
             found[h] = None
+    if unfinished:
+        print(f"skipped {len(unfinished)} run(s) that have not finished (no {RESULT}): "
+              f"{', '.join(map(str, unfinished))}", file=sys.stderr)
     return list(found)
 
 
@@ -186,7 +198,7 @@ def select(
 
 def sweep_root(paths: Sequence[str | Path], infos: Sequence[RunInfo] = ()) -> Path:
     """Where analysis output goes by default: the one sweep directory given, else the runs' common parent."""
-    if len(paths) == 1 and not (Path(paths[0]) / "result.json").is_file():
+    if len(paths) == 1 and not (Path(paths[0]) / RESULT).is_file():
         return Path(paths[0])
     dirs = [i.dir for i in infos] or [Path(p).resolve() for p in paths]
     if len(dirs) == 1:
@@ -196,37 +208,23 @@ def sweep_root(paths: Sequence[str | Path], infos: Sequence[RunInfo] = ()) -> Pa
     return Path(os.path.commonpath([str(d) for d in dirs]))
 
 
-def load_sweep_table(paths: Sequence[str | Path], *, fill: Sequence[str] = ("adapter", "targets", "rank", "seed", "task")):
-    """The aggregate table of one or more sweep directories (`lowrank.runner.results.load_sweep`), concatenated.
-
-    The table holds only the keys a sweep varied; the `fill` keys it lacks (e.g. targets when only rank
-    was swept) are read from each run's resolved config so that Tables 5-6 can group on them.
-    """
+def load_sweep_table(paths: Sequence[str | Path]):
+    """The sweep table of one or more sweep directories (`lowrank.runner.results.load_sweep`: every row holds
+    the config columns adapter, targets, rank, seed, task, ... whether swept or not), concatenated, with
+    ``attrs["metric"]`` the task's own metric (tables pick best/<metric> by default)."""
     import pandas as pd
 
-    from lowrank.runner.results import load_run, load_sweep
+    from lowrank.runner.results import load_sweep
 
     frames = []
     for p in paths:
         df = load_sweep(p)
         if df.empty:
             raise FileNotFoundError(f"no run directories under {p}; pass the sweep dir a `python run.py -m` wrote")
-        missing = [k for k in fill if k not in df.columns or df[k].isna().any()]
-        if missing:
-            described = [describe(load_run(Path(p) / r)) for r in df["run"]]
-            for key in missing:
-                vals = [getattr(i, key) for i in described]
-                if key == "targets":
-                    vals = [",".join(v) for v in vals]
-                if key not in df.columns:
-                    df[key] = vals
-                else:
-                    df[key] = df[key].where(df[key].notna(), pd.Series(vals, index=df.index))
         df.insert(0, "sweep", str(p))
         frames.append(df)
-        cfg = load_run(Path(p) / df["run"].iloc[0]).config or {}
-        metric = _get(cfg, "task.metric")
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    metric = next((m for m in out.get("metric", pd.Series(dtype=object)) if isinstance(m, str)), None)
     if metric:
-        out.attrs["metric"] = str(metric)  # the task's own metric: tables pick best/<metric> by default
+        out.attrs["metric"] = metric.removeprefix("eval/")
     return out

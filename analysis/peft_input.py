@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lowrank.io import load_tensors, read_json
 from lowrank.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
-from lowrank.runner.rundir import RESULT
+from lowrank.runner.results import RESULT
 
 __all__ = ["PEFT_CONFIG", "is_peft_dir", "PeftRun"]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from lowrank.adapters import ADAPTERS
 
-__all__ = ["UsageError", "progress", "out_dir", "load", "adapter_spec", "label", "refusal", "factor_runs",
+__all__ = ["UsageError", "progress", "out_dir", "load", "adapter_spec", "label", "usable", "refusal", "factor_runs",
            "delta_runs", "with_delta", "updated", "directions_by_layer", "need", "middle", "spread_layers", "pick_pair_seed", "two_ranks", "two_seeds",
            "chosen_seed", "one_run_per_rank"]
 
@@ -63,14 +63,18 @@ def _has(spec, need: str) -> bool:
     return spec is not None and _NEEDS[need][0](spec)
 
 
+def usable(need: str) -> list[str]:
+    """The registry's adapters with what an analysis reads (``need``: factors or delta)."""
+    return [n for n, s in ADAPTERS.items() if _NEEDS[need][0](s)]
+
+
 def refusal(names, need: str) -> str:
     """One line: which of ``names`` lack what the analysis reads (``need``: factors or delta), and the
     adapters whose runs it takes."""
-    has, what, reads = _NEEDS[need]
+    _, what, reads = _NEEDS[need]
     refused = [f"{n} ({label(n)})" for n in names if not _has(adapter_spec(n), need)]
-    usable = [n for n, s in ADAPTERS.items() if has(s)]
     line = (f"adapter {', '.join(refused) or ', '.join(names)} has no {what}; this analysis reads {reads}: "
-            f"pass runs of {', '.join(usable)}")
+            f"pass runs of {', '.join(usable(need))}")
     if need == "factors":
         other = [n for n, s in ADAPTERS.items() if s.has_delta and not s.has_factors]
         line += f" (for ΔW of {', '.join(other)}: amplification, spectrum, decomposition)"
@@ -130,7 +134,7 @@ def directions_by_layer(info, factor: str = "A"):
 
     factors = info.run.factors()
     if not factors:
-        raise UsageError(f"run {info.dir} has no low-rank factors (adapter {info.adapter!r}); use a lora/dora run")
+        raise UsageError(f"run {info.dir}: {refusal([info.adapter], 'factors')}")
     if factor == "B":
         return by_layer({m: f["B"].T for m, f in factors.items()})
     if factor == "dW":

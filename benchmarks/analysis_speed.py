@@ -239,7 +239,9 @@ def main(argv=None) -> int:
     key = (f"{result['weights']}_{result['layers']}x2_d{result['d']}_{result['svd_method']}"
            f"_jobs{args.jobs}_threads{args.threads}")
     existing[key] = result
-    out.write_text(json.dumps(existing, indent=2) + "\n")
+    from experiments.portable import portable
+
+    out.write_text(json.dumps(portable(existing), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

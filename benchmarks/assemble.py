@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import gpu_step  # noqa: E402
+from experiments.portable import portable  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
         "assembled_from": [args.partial] + ([args.extra] if args.extra else []), "rows": rows,
     }
     result["checks"] = gpu_step.performance_checks(result)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    Path(args.out).write_text(json.dumps(portable(result), indent=1, default=str))
     print(gpu_step.table(result))
     return 0
 

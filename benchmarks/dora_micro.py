@@ -1,7 +1,7 @@
 """One adapted linear layer, forward + backward, at the benchmark's shapes: where DoRA's extra time
 over LoRA goes.
 
-    python -m benchmarks.dora_micro            # GPU; compiled with CUDA graphs, CUDA-event timing
+    python -m benchmarks.dora_micro --out benchmarks/results/dora_micro.json   # GPU; CUDA graphs, CUDA-event timing
 
 Variants: the frozen base alone, our LoRA, our DoRA (lowrank/adapters/dora.py as is).
 """
@@ -9,7 +9,6 @@ Variants: the frozen base alone, our LoRA, our DoRA (lowrank/adapters/dora.py as
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -61,9 +60,15 @@ def time_layer(module, x, g, reps: int = 100) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3  # µs
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--out", default=None, help="JSON file of the timings")
+    args = p.parse_args(argv)
     device = torch.device("cuda")
-    rank = int(os.environ.get("RANK_", 8))
+    rank = args.rank
     out = {}
     for label, (tokens, d_in, d_out) in SHAPES.items():
         x = torch.randn(tokens, d_in, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -78,9 +83,8 @@ def main() -> None:
         out[label] = row
         print(label, json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}),
               flush=True)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "dora_micro.json").write_text(json.dumps({"rank": rank, "us_per_fwd_bwd": out},
-                                                                         indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rank": rank, "us_per_fwd_bwd": out}, indent=1))
 
 
 if __name__ == "__main__":

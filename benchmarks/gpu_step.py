@@ -31,7 +31,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -51,6 +50,7 @@ from benchmarks.step_checks import (  # noqa: E402
 from benchmarks.step_variants import (  # noqa: E402
     PRESETS, Variant, apply_adapter, base_tokens, build_base, build_variant, canonical_weights,
     make_batch, matmul_params)
+from experiments.portable import portable  # noqa: E402
 from lowrank.runner import accel  # noqa: E402
 
 @dataclass
@@ -390,10 +390,10 @@ def profile(base, v, preset, rank, targets, weights, batch, device, args) -> Non
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=70)
     print(f"--- profile {v.name} r={rank} {''.join(targets)} (3 steps) ---\n{table}", flush=True)
-    out = os.environ.get("OUT")
-    if out:
+    if args.out:  # beside the result JSON
         name = f"profile_{v.name.replace(':', '_').replace('+', '-')}_r{rank}_{''.join(targets)}.txt"
-        Path(out, name).write_text(table)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_name(name).write_text(table)
     del model, layers, opt
     if "compile" in base_tokens(v.base):
         torch._dynamo.reset()
@@ -472,11 +472,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)  # --threads is for this run only (tests call main in-process)
     text = table(result)
     print("\n" + text)
-    payload = json.dumps(result, indent=1, default=str)
-    for path in filter(None, [args.out, os.environ.get("OUT") and os.path.join(
-            os.environ["OUT"], Path(args.out or f"{args.preset}.json").name)]):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(payload)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(portable(result), indent=1, default=str))
     return 0 if all(c["ok"] for c in result["checks"] if "informational" not in c["note"]) else 1
 
 

@@ -25,6 +25,7 @@ import csv  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 #: our paper names -> PEFT target_modules (suffix match on module names)
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     grouping = ({"group_by_length": True} if "group_by_length" in fields else
                 {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields else {})
     targs = TrainingArguments(
-        output_dir="/tmp/hf_trainer_out", per_device_train_batch_size=args.batch, per_device_eval_batch_size=128,
+        output_dir=tempfile.mkdtemp(prefix="hf_trainer_"), per_device_train_batch_size=args.batch, per_device_eval_batch_size=128,
         max_steps=args.steps, learning_rate=args.lr, weight_decay=0.01, warmup_steps=int(0.06 * args.steps),
         lr_scheduler_type="linear", max_grad_norm=1.0, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(), seed=args.seed, logging_steps=args.log_every,
         use_liger_kernel=args.liger, torch_compile=args.compile,

@@ -4,7 +4,7 @@ step, against the HF ``Trainer`` + PEFT script on the same job (``benchmarks/hf_
 time of the used-by sweep (6 jobs through the ``parallel`` launcher, ``trainer=smoke``).
 
     python -m benchmarks.startup                          # 5 runs each; prints a table, writes the JSON below
-    python -m benchmarks.startup --against /work/main     # another checkout in the same session (before/after)
+    python -m benchmarks.startup --against ../main        # another checkout, timed alternately (before/after)
     python -m benchmarks.startup --sweep 2 --jobs 2       # plus two sweeps per checkout
     python -m benchmarks.startup -- model.pretrained=DIR  # extra overrides after --
 
@@ -80,6 +80,8 @@ def medians(rows: list[dict]) -> dict:
 
 
 def main() -> None:
+    from experiments.portable import portable
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--against", type=Path, action="append", default=[], help="another checkout to time alongside")
@@ -128,11 +130,11 @@ def main() -> None:
             print(f"sweep (6 jobs, LOWRANK_JOBS={args.jobs}) {Path(t).name}: median "
                   f"{statistics.median(walls):.1f}s of {walls}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    args.out.write_text(json.dumps(portable({
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load_average": load,
         "command": ["python", "run.py", *ONE_STEP, *args.extra], "sweep_command": ["python", "run.py", *SWEEP],
         "runs": runs, "median": table, "hf_trainer_peft": {"runs": hf, "median": hf_median},
-        "sweeps": sweeps}, indent=2) + "\n")
+        "sweeps": sweeps}), indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.portable import portable
 from experiments.recipes import RECIPES, Check, Recipe
 from lowrank.atomic import write_json, write_text
 
@@ -126,6 +127,7 @@ def run_recipe(recipe: Recipe, sweep_dir: Path, overrides: list[str], train: boo
               "headline": headline, "overrides": overrides,
               "checks": [{"what": c.what, "ours": c.ours, "paper": c.paper, "holds": c.holds} for c in checks]}
     stem = sweep_dir / f"report_{recipe.name}"
+    lines, report = portable(lines), portable(report)  # reports get committed: no machine's paths in them
     write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(stem.with_suffix(".json"), report)
     print("\n".join(lines))
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="*", help="recipe name(s) (see --list)")
     parser.add_argument("--list", action="store_true", help="list the recipes")
+    parser.add_argument("--markdown", action="store_true", help="with --list: as the README's markdown table")
     parser.add_argument("--dir", default=None, help="sweep directory (default: outputs/experiments/<sweep>)")
     parser.add_argument("--analyse-only", action="store_true",
                         help="analyse and report on the runs already in --dir (no training)")
@@ -147,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.list or not args.recipe:
         width = max(map(len, RECIPES))
+        if args.markdown:
+            print("| recipe | paper artefact | budget (the embedded default on a 2-core CPU, or the GPU named) |\n|---|---|---|")
         for r in RECIPES.values():
-            print(f"{r.name:<{width}}  {r.artefact}  [{r.budget}]")
+            print(f"| `{r.name}` | {r.artefact} | {r.budget} |" if args.markdown else
+                  f"{r.name:<{width}}  {r.artefact}  [{r.budget}]")
         return 0
     unknown = [name for name in args.recipe if name not in RECIPES]
     if unknown:

@@ -323,3 +323,23 @@ def test_peft_adapter_folders_match_run_directories(tmp_path):
     A = {r: load_file(str(folders / f"r{r}" / "adapter_model.safetensors"))[
         "base_model.model.bert.encoder.layer.1.attention.self.query.lora_A.weight"] for r in (4, 16)}
     assert phi_a["phi_q"][0, 0] == pytest.approx(similarity(A[4], A[16])[0, 0], abs=1e-12)
+
+
+def test_unfinished_run_is_skipped_not_taken_for_a_peft_folder(sweep, tmp_path, capsys):
+    """A job killed before result.json (its adapter/ and .hydra/config.yaml written) is named in one line and
+    the analysis goes on with the finished runs; its adapter/ is never read as a PEFT adapter folder."""
+    import shutil
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    killed = copy / "adapter=lora,rank=4,seed=1"
+    result = json.loads((killed / "result.json").read_text())
+    (killed / "result.json").unlink()
+    (killed / ".hydra").mkdir()
+    (killed / ".hydra" / "config.yaml").write_text(json.dumps(result["config"]))  # YAML reads JSON
+    assert main(["subspace", str(copy), "--out", str(tmp_path / "out"), "--wandb", "off", "--layer", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "base_model_name_or_path" not in err
+    skipped = [line for line in err.splitlines() if "not finished" in line]
+    assert len(skipped) == 1 and str(killed.resolve()) in skipped[0]
+    assert _summary(tmp_path / "out", "subspace")["ranks"] == [4, 16]

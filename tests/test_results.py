@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from lowrank.runner import results
-from lowrank.runner.tracking import Tracker, read_offline_run
+from lowrank.runner.tracking import Tracker
+from wandb_offline import read_offline_run
 
 from conftest import run_cli, tiny_args
 

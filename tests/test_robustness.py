@@ -67,7 +67,8 @@ def test_a_killed_attempt_counts_until_its_last_write(tmp_path):
 
 def test_a_resumed_run_has_one_offline_wandb_run_and_stages_nothing_outside(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    from lowrank.runner.tracking import Tracker, read_offline_run
+    from lowrank.runner.tracking import Tracker
+    from wandb_offline import read_offline_run
 
     for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
         monkeypatch.setenv(var, str(tmp_path / sub))

@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from analysis import figures
-from analysis.commands import Produced
+from analysis.commands import Command, Produced, adapter_flag, base_model_flag, layer_flag, matrices_flag, ranks_flag
 from analysis.selection import (UsageError, adapter_spec, chosen_seed, delta_runs, load, middle, one_run_per_rank,
                                 out_dir, progress, updated)
-from analysis.summaries import AmplificationSummary
+from analysis.summaries import Summary
 
 COLUMNS = ("delta", "own", "random", "random_expected", "norm_W", "norm_delta", "factor")
+
+
+@dataclass
+class AmplificationSummary(Summary):
+    """LoRA Table 7 at one layer and matrix, and the per-layer medians."""
+
+    analysis: ClassVar[str] = "amplification"
+    layer: int
+    matrix: str
+    ranks: list[int]
+    seed: int | None
+    runs: dict[str, str]
+    at_layer: dict[str, dict[str, float]]   # {"r=8": {delta, own, random, random_expected, norm_W, norm_delta, factor}}
+    median_over_layers: dict[str, dict[str, float]]
+    table: str = "LoRA Table 7"
+
+    def row(self, r: int) -> dict[str, float]:
+        return self.at_layer[f"r={r}"]
+
+    @property
+    def tabulated_ranks(self) -> list[int]:
+        return sorted(r for r in self.ranks if f"r={r}" in self.at_layer)
 
 
 def _study(base, updates, chosen, args):
@@ -87,3 +112,17 @@ def amplification(args) -> Produced:
     print(t7.round(3).to_string())
     return Produced(summary, out, files, {"table7": t7, "per_layer": pl}, [i.run.config or {} for i in infos],
                     [str(i.dir) for i in infos])
+
+
+def _flags(p) -> None:
+    base_model_flag(p)
+    adapter_flag(p, "delta")
+    layer_flag(p)
+    ranks_flag(p, "ranks to compare (default: all/min+max); a method without a rank: the r of ΔW's top-r "
+                  "directions, required")
+    matrices_flag(p, "matrix kinds (the first one is tabulated in the paper layout)", conv=True)
+    p.add_argument("--svd", choices=["auto", "full", "lanczos"], default="auto",
+                   help="W's top-r SVD: exact, truncated (Lanczos), or auto by size")
+
+
+COMMANDS = [Command("amplification", "LoRA Table 7: ΔW vs W amplification, per layer", amplification, _flags)]

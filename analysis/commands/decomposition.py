@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from analysis import figures
-from analysis.commands import Produced
+from analysis.commands import Command, Produced, base_model_flag
 from analysis.selection import UsageError, adapter_spec, chosen_seed, label, load, out_dir, with_delta
-from analysis.summaries import DecompositionSummary
+from analysis.summaries import Summary
+
+
+@dataclass
+class DecompositionSummary(Summary):
+    """DoRA Figure 2: correlation of ΔD and ΔM per method, under every reading."""
+
+    analysis: ClassVar[str] = "decomposition"
+    matrix: str
+    runs: dict[str, str]
+    pearson_r: dict[str, float]               # the paper's reading: all (layer, step) points pooled
+    slope: dict[str, float]
+    points: dict[str, int]
+    figure: str = "DoRA Figure 2"
+    spearman_r: dict[str, float] = field(default_factory=dict)
+    within_step: dict[str, dict[str, float]] = field(default_factory=dict)   # method → {step: Pearson r}
+    within_step_mean: dict[str, float] = field(default_factory=dict)
+    partial_r: dict[str, float] = field(default_factory=dict)     # step means removed from ΔD and ΔM
+    ci_low: dict[str, float] = field(default_factory=dict)        # bootstrap over layers, pooled Pearson r
+    ci_high: dict[str, float] = field(default_factory=dict)
+    delta_d_range: dict[str, list[float]] = field(default_factory=dict)
+    delta_m_range: dict[str, list[float]] = field(default_factory=dict)
+    relative_m: bool = False       # ΔM divided by mean |m_0| (a labelled extra, not the paper's definition)
+    excluded_layers: list[int] = field(default_factory=list)
+    steps: dict[str, list[int]] = field(default_factory=dict)
 
 
 def choose_runs(infos, args) -> list[tuple[str, object]]:
@@ -114,3 +140,20 @@ def decomposition(args) -> Produced:
     print(corr.round(3).to_string(index=False))
     return Produced(summary, out, files, {"correlations": corr}, [i.run.config or {} for i in infos],
                     [str(i.dir) for i in infos])
+
+
+def _flags(p) -> None:
+    base_model_flag(p)
+    p.add_argument("--matrix", choices=list("qkvo"), default="q", help="q = DoRA Fig. 2, v = Fig. 7")
+    p.add_argument("--rank", type=int, default=None, help="LoRA/DoRA rank to use (default: DoRA's)")
+    p.add_argument("--include-step0", action="store_true",
+                   help="keep step 0 (W = W0, so ΔM = ΔD = 0) in the scatter")
+    p.add_argument("--exclude-layers", type=int, nargs="+", default=None, help="layers left out (e.g. 5)")
+    p.add_argument("--last-k", type=int, default=None, help="keep only each run's last k saved steps")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of layers for the 95%% interval of the pooled r (0 = none)")
+    p.add_argument("--relative-m", action="store_true",
+                   help="ΔM relative to ‖W0_n‖ (a labelled extra, not the paper's definition)")
+
+
+COMMANDS = [Command("decomposition", "DoRA Figure 2: magnitude vs direction over checkpoints", decomposition, _flags)]

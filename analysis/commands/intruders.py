@@ -6,15 +6,32 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from analysis.commands import Produced
+from analysis.commands import Command, Produced, base_model_flag, matrices_flag
 from analysis.selection import UsageError, adapter_spec, load, out_dir, progress, updated, with_delta
-from analysis.summaries import IntrudersSummary
+from analysis.summaries import Summary
 
 INIT_LABELS = {"pissa": "PiSSA", "milora": "MiLoRA", "olora": "OLoRA"}
 EPSILONS = np.round(np.arange(0.05, 1.0, 0.05), 2)   # the x axis of the count-vs-ε figure
+
+
+@dataclass
+class IntrudersSummary(Summary):
+    """Intruder dimensions (arXiv 2410.21228) per run: counts among W's top k at ε, and the mitigation's effect."""
+
+    analysis: ClassVar[str] = "intruders"
+    k: int
+    epsilon: float
+    lam: float
+    runs: dict[str, str]                                 # label → run dir
+    total: dict[str, int]                                # label → intruders summed over the adapted matrices
+    per_matrix: dict[str, float]                         # label → mean intruders per adapted matrix
+    evaluation: dict[str, dict[str, float]] = field(default_factory=dict)   # label → {"before": m, "after": m}
+    figure: str = "intruder dimensions (arXiv 2410.21228, Figs. 4-5)"
 
 
 def method_label(info) -> str:
@@ -141,3 +158,19 @@ def intruders(args) -> Produced:
     print(table.round(3).to_string())
     return Produced(summary, out, files, {"intruders": df, "per_layer": per_layer.reset_index()},
                     [i.run.config or {} for i in infos], [str(i.dir) for i in infos])
+
+
+def _flags(p) -> None:
+    base_model_flag(p)
+    matrices_flag(p)
+    p.add_argument("-k", "--k", type=int, default=10, help="top-k singular vectors of W0+ΔW examined (10)")
+    p.add_argument("--epsilon", type=float, default=0.5,
+                   help="intruder when max |cos| with every W0 singular vector is below this (0.5)")
+    p.add_argument("--lam", type=float, default=0.75,
+                   help="mitigation: each intruder's singular value times λ (PEFT's default 0.75)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                   help="skip the task evaluation before and after the mitigation (loads model and data)")
+
+
+COMMANDS = [Command("intruders", "Intruder dimensions (arXiv 2410.21228): counts per layer and method, count vs ε, "
+                    "mitigation with the evaluation before and after", intruders, _flags)]

@@ -9,13 +9,29 @@ AdaLoRA runs: ``adapter=adalora`` and DoRA with ``allocate=adalora``; their fina
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
-from analysis.commands import Produced
+from analysis.commands import Command, Produced, base_model_flag
 from analysis.selection import UsageError, chosen_seed, load, out_dir
+from analysis.summaries import Summary
 
 #: the matrix kinds in the order of the paper's Figure 4 rows (attention first, then the MLP)
 KIND_ORDER = ("q", "k", "v", "o", "up", "gate", "down")
+
+
+@dataclass
+class RanksSummary(Summary):
+    """AdaLoRA's final rank per layer × matrix beside full fine-tuning's effective rank of ΔW (AdaLoRA Fig. 4)."""
+
+    analysis: ClassVar[str] = "ranks"
+    runs: dict[str, str]                                 # panel title → run dir
+    seed: int | None
+    total: dict[str, float]                              # panel → Σ over modules (AdaLoRA: the final budget)
+    by_kind: dict[str, dict[str, float]]                 # panel → {matrix kind: Σ over layers}
+    figure: str = "AdaLoRA Figure 4 (final ranks) beside FT's effective rank"
 
 
 def allocating(info) -> bool:
@@ -88,7 +104,6 @@ def ranks(args) -> Produced:
     from analysis.commands.spectrum import final_deltas
     from analysis.names import parse_module_name
     from analysis.spectrum import effective_rank, singular_values
-    from analysis.summaries import RanksSummary
 
     infos = load(args)
     adaptive = [i for i in infos if allocating(i)]
@@ -127,3 +142,7 @@ def ranks(args) -> Produced:
                                     for t, g in panels.items()})
     print(df.pivot_table(index="module", columns="run", values="value").round(2).to_string())
     return Produced(summary, out, files, {"ranks": df}, [i.run.config or {} for i in infos], [str(i.dir) for i in infos])
+
+
+COMMANDS = [Command("ranks", "AdaLoRA Figure 4: final rank per layer × matrix beside FT's effective rank", ranks,
+                    base_model_flag)]

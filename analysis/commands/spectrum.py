@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from analysis.commands import Produced
+from analysis.commands import Command, Produced, base_model_flag, matrices_flag
 from analysis.selection import UsageError, adapter_spec, load, out_dir, updated, with_delta
-from analysis.summaries import SpectrumSummary
+from analysis.summaries import Summary
+
+
+@dataclass
+class SpectrumSummary(Summary):
+    """The singular value spectrum of each ΔW (LoRA §4.1's low intrinsic rank), per run and matrix."""
+
+    analysis: ClassVar[str] = "spectrum"
+    matrix: list[str]
+    runs: dict[str, str]                                 # label → run dir
+    energy_top_r: dict[str, dict[str, float]]            # label → {"r=8": median fraction of ‖ΔW‖_F² in top 8}
+    effective_rank: dict[str, float]                     # label → median entropy effective rank
+    stable_rank: dict[str, float]                        # label → median ‖ΔW‖_F² / σ1²
+    figure: str = "ΔW spectrum (LoRA §4.1, §7)"
 
 
 def run_label(info) -> str:
@@ -83,3 +98,13 @@ def spectrum(args) -> Produced:
     print(med[["effective_rank", "stable_rank", *[f"energy_top{r}" for r in args.top]]].round(3).to_string())
     return Produced(summary, out, files, {"spectrum": df}, [i.run.config or {} for i in infos],
                     [str(i.dir) for i in infos])
+
+
+def _flags(p) -> None:
+    base_model_flag(p)
+    matrices_flag(p, conv=True)
+    p.add_argument("--top", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64],
+                   help="r of the energy-in-top-r columns (and the lines on the figure)")
+
+
+COMMANDS = [Command("spectrum", "ΔW's singular values, energy in the top r, effective rank", spectrum, _flags)]

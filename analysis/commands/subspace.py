@@ -3,15 +3,80 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from analysis import figures
-from analysis.commands import Produced
+from analysis.commands import Command, Produced, adapter_flag, base_model_flag, factor_flag, layer_flag, ranks_flag, seed_pair_flags
 from analysis.selection import (UsageError, directions_by_layer, factor_runs, load, middle, need, one_run_per_rank,
                                 out_dir, pick_pair_seed, spread_layers, two_ranks, two_seeds)
 from analysis.subspace import random_gaussian_similarity, similarity
-from analysis.summaries import LayersSummary, SeedsSummary, SubspaceSummary, WSubspaceSummary
+from analysis.summaries import Summary
+
+
+@dataclass
+class SubspaceSummary(Summary):
+    """LoRA Figure 3: φ(A_{r1}, A_{r2}, i, j) at one layer, for Wq and Wv."""
+
+    analysis: ClassVar[str] = "subspace"
+    factor: str
+    layer: int
+    ranks: list[int]
+    seed: int | None
+    runs: list[str]
+    phi_11: dict[str, float]                 # {"q": φ(1,1), "v": φ(1,1)}
+    phi_full: dict[str, float]               # φ(r1, r2)
+    chance_level_max: float                  # max(r1, r2)/d: φ of two random subspaces at (r1, r2)
+    figure: str = "LoRA Figure 3"
+
+
+@dataclass
+class SeedsSummary(Summary):
+    """LoRA Figure 4: φ(A, A') of two seeds at one rank, with a random Gaussian panel."""
+
+    analysis: ClassVar[str] = "seeds"
+    factor: str
+    layer: int
+    rank: int
+    seeds: list[int]
+    runs: list[str]
+    phi_11: dict[str, float]
+    mean_phi: dict[str, float]               # {"q", "v", "random"}: the grid mean of φ(i, j)
+    random_max: float
+    figure: str = "LoRA Figure 4"
+    corner: int = 8                          # the i, j ≤ corner zoom the paper reads
+    # every seed pair and layer (pairs of "seed_a,seed_b" → layer → kind → number)
+    corner_mean: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    above_chance: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    chance_corner_mean: float | None = None
+    chance_threshold: float | None = None    # the random panel's 95th percentile of φ(i, i) on the diagonal
+
+
+@dataclass
+class LayersSummary(Summary):
+    """LoRA Figures 6-7: Figures 3 and 4 for several layers (either part absent when the runs lack it)."""
+
+    analysis: ClassVar[str] = "layers"
+    fig6: dict | None = None   # {"ranks", "layers", "phi_11": {layer: {kind: φ(1,1)}}}
+    fig7: dict | None = None   # {"rank", "seeds", "layers", "mean_phi": {layer: {kind: mean φ}}, "chance_mean_phi"}
+    figures: str = "LoRA Figures 6 and 7"
+
+
+@dataclass
+class WSubspaceSummary(Summary):
+    """LoRA Figure 8: W's top-i right singular directions against A's top-j, for several r and random."""
+
+    analysis: ClassVar[str] = "wsubspace"
+    layer: int
+    matrix: str
+    top_i: int
+    d: int
+    runs: dict[str, str]
+    phi_at_top_i: dict[str, dict[str, float]]   # {"r=8" | "rand": {"j=1": φ, "j=4": φ, ...}}
+    chance_level_at_top_i: float
+    figure: str = "LoRA Figure 8"
 
 
 def _produced(summary, out, files, infos, tables=None) -> Produced:
@@ -191,3 +256,51 @@ def wsubspace(args) -> Produced:
     for k, v in phis.items():
         print(f"{k}: φ(i={n_top}, j=1..{v.shape[1]}) max {v[-1].max():.3f} (chance {n_top / d:.3f})")
     return _produced(summary, out, files, infos)
+
+
+def _subspace_flags(p) -> None:
+    base_model_flag(p)
+    adapter_flag(p, "factors")
+    factor_flag(p)
+    layer_flag(p)
+    ranks_flag(p)
+
+
+def _seeds_flags(p) -> None:
+    base_model_flag(p)
+    adapter_flag(p, "factors")
+    factor_flag(p)
+    layer_flag(p)
+    seed_pair_flags(p)
+    p.add_argument("--corner", type=int, default=8, help="the i, j <= corner zoom summarised (paper: 8)")
+    p.add_argument("--chance-draws", type=int, default=200,
+                   help="random Gaussian pairs drawn for the above-chance threshold")
+
+
+def _layers_flags(p) -> None:
+    base_model_flag(p)
+    adapter_flag(p, "factors")
+    factor_flag(p)
+    ranks_flag(p)
+    seed_pair_flags(p)
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: 4 spread out)")
+
+
+def _wsubspace_flags(p) -> None:
+    base_model_flag(p)
+    adapter_flag(p, "factors")
+    layer_flag(p)
+    ranks_flag(p)
+    p.add_argument("--matrix", choices=list("qkvo"), default="q")
+    p.add_argument("--top", type=int, default=None, help="W's top-i directions shown (default: 10%% of d)")
+    p.add_argument("--i-start", type=int, default=1, help="first i row shown")
+    p.add_argument("--vmin", type=float, default=0.1, help="colour bar minimum (paper: 0.1)")
+    p.add_argument("--vmax", type=float, default=0.2, help="colour bar maximum (paper: 0.2)")
+
+
+COMMANDS = [
+    Command("subspace", "LoRA Figure 3: φ(A_{r=8}, A_{r=64}) for Wq and Wv at one layer", subspace, _subspace_flags),
+    Command("seeds", "LoRA Figure 4: φ across two seeds at r=64, with a random Gaussian panel", seeds, _seeds_flags),
+    Command("layers", "LoRA Figures 6-7: Figures 3-4 for several layers", layers, _layers_flags),
+    Command("wsubspace", "LoRA Figure 8: W's top singular directions against A's", wsubspace, _wsubspace_flags),
+]

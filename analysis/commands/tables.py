@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from analysis.commands import Produced
-from analysis.summaries import TablesSummary
+from analysis.commands import Command, Produced
+from analysis.summaries import Summary
+
+
+@dataclass
+class TablesSummary(Summary):
+    """LoRA Tables 5-6 as numbers (means and stds over seeds, in %) and as the cells printed."""
+
+    analysis: ClassVar[str] = "tables"
+    table5_budget: int | None = None
+    table5_ranks: dict[str, int] = field(default_factory=dict)           # weight type → rank at the budget
+    table5_mean: dict[str, dict[str, float]] = field(default_factory=dict)   # task → weight type → mean
+    table6_mean: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # task → weight type → "r" → mean
+    table6_std: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    table6_seeds: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    table5_cells: list[list[str]] = field(default_factory=list)   # header + rows, as printed
+    table6_cells: list[list[str]] = field(default_factory=list)
+    tables: str = "LoRA Tables 5 and 6"
+    # rows of a second grouping (e.g. alpha) when the sweep varied it: "<label>" → task → weight type → "r" → mean
+    table6_by: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    table6_by_std: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    table6_seeds_by: dict[str, dict[str, dict[str, dict[str, int]]]] = field(default_factory=dict)
 
 
 def _cells(df) -> list[list[str]]:
@@ -71,3 +93,15 @@ def tables(args) -> Produced:
     tabs["table6"] = t6
     print(t6.to_string())
     return Produced(summary, out, files, tabs, None, [str(p) for p in args.paths])
+
+
+def _flags(p) -> None:
+    p.add_argument("--metric", default=None, help="metric column (default: the accuracy-like one)")
+    p.add_argument("--budget", type=int, default=None, help="rank units per layer for Table 5 (e.g. 8)")
+    p.add_argument("--targets-col", default="targets")
+    p.add_argument("--rank-col", default="rank")
+    p.add_argument("--task-col", default="task")
+    p.add_argument("--by", default=None, help="also tabulate Table 6 per value of this column (e.g. alpha)")
+
+
+COMMANDS = [Command("tables", "LoRA Tables 5-6 from a sweep's aggregate table", tables, _flags)]

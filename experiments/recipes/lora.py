@@ -164,9 +164,14 @@ def table_markdown(d: Path, which: str) -> list[str]:
     """Our table and the paper's, both as the paper lays them out (for the report)."""
     s = load_summary(TablesSummary, d)
     cells = s.table5_cells if which == "table5" else s.table6_cells
+    return ["", "Ours (SST-2 dev accuracy, %):", "", *(markdown(cells[0], cells[1:]) if cells else []),
+            *paper_table_markdown(which)]
+
+
+def paper_table_markdown(which: str) -> list[str]:
+    """The paper's Table 5 or 6 as it lays it out, with its caption."""
     paper = ref.LORA_TABLE5 if which == "table5" else ref.LORA_TABLE6
-    lines = ["", "Ours (SST-2 dev accuracy, %):", "", *(markdown(cells[0], cells[1:]) if cells else []),
-             "", f"Paper ({paper['source']}):", ""]
+    lines = ["", f"Paper ({paper['source']}):", ""]
     if which == "table5":
         lines += markdown(["Weight type", *paper["columns"]],
                           [["Rank r", *paper["rank"]], *[[k, *v] for k, v in paper["rows"].items()]])

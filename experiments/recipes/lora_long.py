@@ -9,7 +9,7 @@ from pathlib import Path
 from analysis.summaries import SeedsSummary, TablesSummary, load_summary
 from experiments import references as ref
 from experiments.recipes.base import Check, Recipe
-from experiments.recipes.lora import corner_checks, fig4, table6_checks, table_markdown
+from experiments.recipes.lora import corner_checks, fig4, paper_table_markdown, table6_checks
 
 SEEDS = (0, 1, 2)
 RANKS = (1, 2, 4, 8, 64)
@@ -50,9 +50,9 @@ def table6_long(d: Path) -> list[Check]:
 
 
 def table6_long_tables(d: Path) -> list[str]:
+    """The paper's Table 6, then ours per scaling rule (pooling the two rules would mix different runs)."""
     s = load_summary(TablesSummary, d)
-    lines = table_markdown(d, "table6")
-    lines = lines[lines.index("") + 1:][lines[lines.index("") + 1:].index("") + 1:]  # the paper's table; ours per rule below
+    lines = paper_table_markdown("table6")
     for label in s.table6_by:
         mean, std = s.table6_by[label], s.table6_by_std.get(label, {})
         seeds = s.table6_seeds_by.get(label, {})

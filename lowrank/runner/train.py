@@ -1,4 +1,6 @@
-"""The training loop: plain PyTorch, one function (``fit``) you can read top to bottom.
+"""The training loop: plain PyTorch. ``fit(FitJob)`` runs a ``Training`` — set-up (``__init__``), one optimizer
+step (``step``), then logging, evaluation and checkpoints when due (``after_step``) — to the last step; the
+head probe takes the same steps (``micro_step``, ``optimizer_step``).
 
 AdamW (weight decay on ≥2-D tensors only), linear warm-up then linear decay to zero, gradient clipping and
 accumulation, bf16 autocast on CUDA, evaluation every ``eval_every`` steps (and at the end) keeping the best
@@ -38,20 +40,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from lowrank.atomic import write_text
-from lowrank.hooks import training_hooks
+from lowrank.hooks import NoHooks, training_hooks
 from lowrank.runner import accel, distributed, graphs
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
 from lowrank.runner.loraplus import lora_plus_groups
-from lowrank.runner.loss import autocast, batch_loss, can_fuse, loss_fn
+from lowrank.runner.loss import autocast, batch_loss, can_fuse
 from lowrank.runner.rundir import CHECKPOINTS, GENERATIONS
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,6 @@ class FitResult:
     best: dict                       # metrics of the best evaluation by `metric` (with "step")
     resumed_from: int | None = None  # the checkpoint step this process started from
     wall_time_s: float = 0.0         # training time summed over every process that worked on the run
-    generations: list = field(default_factory=list)
     step_time_s: float | None = None    # median training step of this process (between host syncs)
     first_step_at: float | None = None  # wall clock (time.time()) when this process's first step was done
     fast_path: str = ""                 # what accel.plan chose
@@ -109,7 +110,9 @@ def fraction_steps(fractions, total: int) -> set[int]:
 def probe_head(model: nn.Module, data: TaskData, cfg, device: torch.device, seed: int) -> None:
     """Train only the task head (``classifier``/``score``/...) for ``cfg.head_first_steps`` steps before the
     adaptation, so that a fresh head does not drive the first updates of the layers below it (a linear probe
-    then fine-tune, Kumar et al. 2022, arXiv 2202.10054). Target weights are untouched, so W0 is unchanged."""
+    then fine-tune, Kumar et al. 2022, arXiv 2202.10054). Target weights are untouched, so W0 is unchanged.
+    The steps are the loop's own (``micro_step``, ``optimizer_step``): a constant ``head_first_lr``, no
+    clipping, one micro-batch per step, its own batch order (seed + 1)."""
     from lowrank.core import HEAD_NAMES
 
     head = [p for name, child in model.named_children() if name in HEAD_NAMES for p in child.parameters()]
@@ -123,16 +126,49 @@ def probe_head(model: nn.Module, data: TaskData, cfg, device: torch.device, seed
     optimizer = torch.optim.AdamW(head, lr=cfg.head_first_lr, betas=tuple(cfg.betas))
     lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
     batches = batch_order(len(data.train), cfg.batch_size, seed + 1, lengths=lengths)
+    forward_backward = micro_step(model, model, data.kind, device, cfg.precision, label_smoothing=cfg.label_smoothing)
     model.train()
     for _ in range(cfg.head_first_steps):
         batch = collate(data.train[next(batches)], data.pad_id, data.kind, device=device)
-        with autocast(device, cfg.precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_fn(logits, batch["labels"], data.kind, cfg.label_smoothing).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, forward_backward(batch), head)
     for p in trainable:
         p.requires_grad_(True)
+
+
+def micro_step(net: nn.Module, model: nn.Module, kind: str, device: torch.device, precision: str, *,
+               accumulate: int = 1, label_smoothing: float = 0.0, fused: bool = False, graphed: bool = False,
+               penalty: Callable[[], torch.Tensor | float] | None = None):
+    """The forward and backward of one micro-batch, as a function of the batch that returns its loss
+    (÷ ``accumulate``, detached). ``penalty()`` is added to the loss (a method's regulariser). ``graphed``: the
+    function is captured as a CUDA graph, which must not outlive autocast's cache of casted weights."""
+    def run(batch: dict) -> torch.Tensor:
+        with autocast(device, precision, cache=not graphed):
+            loss = batch_loss(net, model, batch, kind, fused=fused, label_smoothing=label_smoothing)
+            if penalty is not None:
+                loss = loss + penalty()
+            loss = loss / accumulate
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params, max_grad_norm: float = 0.0, *,
+                   scheduler=None, set_to_none: bool = True, after_update: Callable[[], None] | None = None
+                   ) -> torch.Tensor:
+    """After the micro-batches' backward passes: clip (``max_grad_norm`` > 0), update, ``after_update()`` (a
+    method's own step after the update, e.g. a rank schedule), advance the schedule, zero the gradients; return
+    the step's ``loss``. ``set_to_none=False`` keeps the ``.grad`` tensors (a CUDA graph adds into the same
+    ones every step)."""
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if after_update is not None:
+        after_update()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    return loss
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -249,145 +285,200 @@ class _StepClock:
         return statistics.median(self.per_step) if self.per_step else None
 
 
-def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int, tracker,
-        weight_names: list[str] = (), fingerprint: str = "", identity: dict | None = None,
-        world: distributed.World = distributed.World(), job_num: int = 0) -> FitResult:
-    """Train ``model`` on ``data.train`` with trainer config ``cfg``; evaluate, checkpoint, resume.
+class _Silent:
+    """The tracker of a process that logs nothing (the ranks > 0 of a torchrun launch)."""
+
+    def log(self, *args, **kwargs) -> None: ...
+    def rewind(self, *args, **kwargs) -> None: ...
+
+
+@dataclass
+class FitJob:
+    """Everything ``fit`` needs, in one object (the app builds it once, for rank 0 and the other ranks).
 
     ``tracker.log(metrics, step)`` receives every logged dict; on resume ``tracker.rewind(step)`` first drops
-    what the interrupted process logged after its last checkpoint. ``weight_names`` are the modules whose
-    weights form the trajectory. The best evaluation is the one with the highest ``eval/<task.metric>``.
-    ``fingerprint`` identifies the configuration (``identity``, stored beside it, says what it was); a
-    checkpoint with another fingerprint is not resumed from. Under ``torchrun`` (``world``), each process
-    trains on its shard of every batch through DDP and only rank 0 evaluates and writes files.
+    what the interrupted process logged after its last checkpoint (None: nothing is logged). ``weight_names``
+    are the modules whose weights form the trajectory. ``fingerprint`` identifies the configuration
+    (``identity``, stored beside it, says what it was); a checkpoint with another fingerprint is not resumed
+    from. Under ``torchrun`` (``world``), each process trains on its shard of every batch through DDP and only
+    rank 0 evaluates and writes files.
     """
-    device = world.device(cfg.device, job_num)
-    model.to(device)
-    schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
-    fast = accel.plan(cfg, device, can_fuse(model, data.kind, cfg.label_smoothing, world.active),
-                      parameters=sum(p.numel() for p in model.parameters()),
-                      graph_blocker=_graph_blocker(world, schedule))
-    accel.prepare(model, fast)
-    log.info("fast path on %s: %s", device, fast.describe())
-    ckpt_dir = out_dir / CHECKPOINTS
-    micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
-    total = total_steps(cfg, len(data.train))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    hooks = training_hooks(model, total)  # what the adapter adds to the loop (AdaLoRA: lowrank/hooks.py)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, decay_magnitude=cfg.decay_magnitude,
-                               lora_plus_ratio=cfg.get("lora_plus_ratio"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total))
-    weight_steps = set(cfg.save_weights_at)
-    if cfg.save_weights_every:
-        weight_steps |= set(range(0, total + 1, cfg.save_weights_every)) | {total}
-    weight_steps |= fraction_steps(cfg.save_weights_at_fractions, total)
-    key = f"eval/{task.metric}"
 
-    state = {"step": 0, "final": None, "best": None, "wall_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0,
-             "fingerprint": fingerprint, "identity": identity or {}}
-    resumed_from = None
-    ckpt = latest_checkpoint(ckpt_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
-        if fingerprint and state.get("fingerprint") != fingerprint:
-            raise ValueError(f"checkpoint {ckpt} was written by another configuration; fix: use a new run dir "
-                             f"(hydra.run.dir / hydra.sweep.dir) or delete {ckpt_dir}")
-        resumed_from = state["step"]
-        tracker.rewind(resumed_from)
-        log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total)
-    else:
-        if cfg.head_first_steps:
-            probe_head(model, data, cfg, device, seed)
-        if 0 in weight_steps and world.is_main:
-            save_weights(model, list(weight_names), ckpt_dir, 0)
-    net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
+    model: nn.Module
+    data: TaskData
+    task: object                     # cfg.task: kind, metric, ...
+    cfg: object                      # cfg.trainer
+    out_dir: Path
+    seed: int
+    tracker: object = None
+    weight_names: Sequence[str] = ()
+    fingerprint: str = ""
+    identity: dict | None = None
+    world: distributed.World = field(default_factory=distributed.World)
+    job_num: int = 0
 
-    started = time.time()
-    lengths = [len(x) for x in data.train["input_ids"]] if cfg.group_by_length else None
-    batches = batch_order(len(data.train), cfg.batch_size, seed, start=state["step"], lengths=lengths)
-    losses, clock = _Losses(), _StepClock()
-    generations: list = []
-    model.train()
-    bar = _progress(cfg, total, state["step"])
-    graphed = fast.compile == "whole-graph"
 
-    def micro_step(batch: dict) -> torch.Tensor:
-        """Forward and backward of one micro-batch; its loss (÷ grad_accum), detached."""
-        with autocast(device, cfg.precision, cache=not graphed):  # a CUDA graph must not outlive autocast's cache
-            loss = (batch_loss(net, model, batch, data.kind, fused=fast.fused_loss,
-                               label_smoothing=cfg.label_smoothing) + hooks.penalty()) / cfg.grad_accum
-        loss.backward()
-        return loss.detach()
+class Training:
+    """One run's training, in three parts: ``__init__`` sets up (device, fast path, optimizer, schedule, the
+    resumed state or the head probe), ``step`` takes one optimizer step, ``after_step`` logs, evaluates,
+    saves the trajectory and checkpoints when due. ``fit`` runs them to the last step."""
 
-    run_micro = graphs.GraphedStep(micro_step, params, device) if graphed else micro_step
-    while state["step"] < total:
-        step = state["step"] + 1
-        if schedule is not None:  # a per-step choice of what trains
-            schedule(step)
-        indices = world.shard(next(batches))
+    def __init__(self, job: FitJob):
+        self.job, cfg, model, world = job, job.cfg, job.model, job.world
+        self.cfg, self.model, self.data, self.world = cfg, model, job.data, world
+        self.tracker = job.tracker if job.tracker is not None else _Silent()
+        self.device = device = world.device(cfg.device, job.job_num)
+        model.to(device)
+        self.schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
+        self.fast = accel.plan(cfg, device, can_fuse(model, job.data.kind, cfg.label_smoothing, world.active),
+                               parameters=sum(p.numel() for p in model.parameters()),
+                               graph_blocker=_graph_blocker(world, self.schedule))
+        accel.prepare(model, self.fast)
+        log.info("fast path on %s: %s", device, self.fast.describe())
+        self.ckpt_dir = job.out_dir / CHECKPOINTS
+        self.micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
+        self.total = total = total_steps(cfg, len(job.data.train))
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.hooks = training_hooks(model, total)  # what the adapter adds to the loop (AdaLoRA: lowrank/hooks.py)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, decay_magnitude=cfg.decay_magnitude,
+                                        lora_plus_ratio=cfg.get("lora_plus_ratio"))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, total))
+        self.weight_steps = set(cfg.save_weights_at)
+        if cfg.save_weights_every:
+            self.weight_steps |= set(range(0, total + 1, cfg.save_weights_every)) | {total}
+        self.weight_steps |= fraction_steps(cfg.save_weights_at_fractions, total)
+        self.key = f"eval/{job.task.metric}"
+
+        self.state = {"step": 0, "final": None, "best": None, "wall_time_s": 0.0, "loss_sum": 0.0, "loss_count": 0,
+                      "fingerprint": job.fingerprint, "identity": job.identity or {}}
+        self.resumed_from = None
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is not None:
+            self.state = load_checkpoint(ckpt, model, self.optimizer, self.scheduler, device)
+            if job.fingerprint and self.state.get("fingerprint") != job.fingerprint:
+                raise ValueError(f"checkpoint {ckpt} was written by another configuration; fix: use a new run dir "
+                                 f"(hydra.run.dir / hydra.sweep.dir) or delete {self.ckpt_dir}")
+            self.resumed_from = self.state["step"]
+            self.tracker.rewind(self.resumed_from)
+            log.info("resuming from %s (step %d of %d)", ckpt, self.resumed_from, total)
+        else:
+            if cfg.head_first_steps:
+                probe_head(model, job.data, cfg, device, job.seed)
+            if 0 in self.weight_steps and world.is_main:
+                save_weights(model, list(job.weight_names), self.ckpt_dir, 0)
+        self.net = world.wrap(model, device)  # the module that runs the forward: DDP when distributed
+
+        self.started = time.time()
+        lengths = [len(x) for x in job.data.train["input_ids"]] if cfg.group_by_length else None
+        self.batches = batch_order(len(job.data.train), cfg.batch_size, job.seed, start=self.state["step"],
+                                   lengths=lengths)
+        self.losses, self.clock = _Losses(), _StepClock()
+        model.train()
+        self.bar = _progress(cfg, total, self.state["step"])
+        self.graphed = self.fast.compile == "whole-graph"
+        forward_backward = micro_step(self.net, model, job.data.kind, device, cfg.precision,
+                                      accumulate=cfg.grad_accum, label_smoothing=cfg.label_smoothing,
+                                      fused=self.fast.fused_loss, graphed=self.graphed,
+                                      penalty=None if isinstance(self.hooks, NoHooks) else self.hooks.penalty)
+        self.run_micro = graphs.GraphedStep(forward_backward, self.params, device) if self.graphed else forward_backward
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.total
+
+    def step(self) -> int:
+        """One optimizer step: the batch's micro-batches forward and backward, clipping, the update. Returns
+        the step number."""
+        cfg, data, fast = self.cfg, self.data, self.fast
+        step = self.state["step"] + 1
+        if self.schedule is not None:  # a per-step choice of what trains
+            self.schedule(step)
+        indices = self.world.shard(next(self.batches))
         step_loss = None
-        for m in range(0, len(indices), micro):  # grad_accum micro-batches
-            rows = data.train[indices[m:m + micro]]
-            batch = collate(rows, data.pad_id, data.kind, device=device,
+        for m in range(0, len(indices), self.micro):  # grad_accum micro-batches
+            rows = data.train[indices[m:m + self.micro]]
+            batch = collate(rows, data.pad_id, data.kind, device=self.device,
                             width=bucket_width(max(map(len, rows["input_ids"])), cfg.max_seq_len, fast.buckets))
             if fast.compile in ("cudagraphs", "inductor+cudagraphs"):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are dead
-            with world.no_sync(net, last_micro_batch=m + micro >= len(indices)):
-                part = run_micro(batch).float()
+            with self.world.no_sync(self.net, last_micro_batch=m + self.micro >= len(indices)):
+                part = self.run_micro(batch).float()
             step_loss = part if step_loss is None else step_loss + part
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        hooks.after_step(step)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=not graphed)  # a graph adds into the same .grad tensors every step
-        state["step"] = step
-        losses.add(step, step_loss)
-        clock.step(device)
-        bar.update(1)
+        optimizer_step(self.optimizer, step_loss, self.params, cfg.max_grad_norm, scheduler=self.scheduler,
+                       set_to_none=not self.graphed, after_update=lambda: self.hooks.after_step(step))
+        self.state["step"] = step
+        self.losses.add(step, step_loss)
+        self.clock.step(self.device)
+        self.bar.update(1)
+        return step
 
-        logs = step % cfg.log_every == 0 or step == total
-        evaluates = ((cfg.eval_every and step % cfg.eval_every == 0) or step == total) and world.is_main
-        checkpoints = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total
-        if not (logs or evaluates or checkpoints or step in weight_steps):
-            continue
-        values = losses.read()  # the one host sync of these steps
-        clock.read()
+    def after_step(self, step: int) -> None:
+        """Log, evaluate, save the trajectory and checkpoint, each when due at ``step``."""
+        cfg, state, world = self.cfg, self.state, self.world
+        logs = step % cfg.log_every == 0 or step == self.total
+        evaluates = ((cfg.eval_every and step % cfg.eval_every == 0) or step == self.total) and world.is_main
+        checkpoints = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == self.total
+        if not (logs or evaluates or checkpoints or step in self.weight_steps):
+            return
+        values = self.losses.read()  # the one host sync of these steps
+        self.clock.read()
         state["loss_sum"] += sum(values)
         state["loss_count"] += len(values)
         if logs:
             mean = world.mean(state["loss_sum"] / max(state["loss_count"], 1))
-            tracker.log({"train/loss": mean, "train/lr": scheduler.get_last_lr()[0], "train/epoch":
-                         step * cfg.batch_size / len(data.train)}, step)
-            bar.set_postfix(loss=f"{mean:.4f}")
+            self.tracker.log({"train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0], "train/epoch":
+                              step * cfg.batch_size / len(self.data.train)}, step)
+            self.bar.set_postfix(loss=f"{mean:.4f}")
             state["loss_sum"], state["loss_count"] = 0.0, 0
         if evaluates:
-            metrics, generations = evaluate(model, data, task, cfg, device)
-            model.train()
-            metrics = {**metrics, "step": step}
-            tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-            log.info("step %d/%d: %s", step, total, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                              if k.startswith("eval/")))
-            state["final"] = metrics
-            if _better(metrics[key], (state["best"] or {}).get(key)):
-                state["best"] = metrics
-            if generations:
-                _write_generations(out_dir, step, generations)
-        if step in weight_steps and world.is_main:
-            save_weights(model, list(weight_names), ckpt_dir, step)
+            self.evaluate(step)
+        if step in self.weight_steps and world.is_main:
+            save_weights(self.model, list(self.job.weight_names), self.ckpt_dir, step)
         if checkpoints:
-            state["wall_time_s"] += time.time() - started
-            started = time.time()
-            if world.is_main:
-                save_checkpoint(ckpt_dir, model, optimizer, scheduler, state)
-            world.barrier()  # no rank runs ahead of the checkpoint it would resume from
-        clock.restart()  # evaluation and files are not training time
-    bar.close()
-    state["wall_time_s"] += time.time() - started
-    return FitResult(steps=total, final=state["final"], best=state["best"], resumed_from=resumed_from,
-                     wall_time_s=state["wall_time_s"], generations=generations, step_time_s=clock.median(),
-                     first_step_at=clock.first_step_at, fast_path=fast.describe())
+            self.checkpoint()
+        self.clock.restart()  # evaluation and files are not training time
+
+    def evaluate(self, step: int) -> dict:
+        """Evaluate, log, keep the final and the best metrics, write a generation task's texts."""
+        metrics, generations = evaluate(self.model, self.data, self.job.task, self.cfg, self.device)
+        self.model.train()
+        metrics = {**metrics, "step": step}
+        self.tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        log.info("step %d/%d: %s", step, self.total, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                               if k.startswith("eval/")))
+        self.state["final"] = metrics
+        if _better(metrics[self.key], (self.state["best"] or {}).get(self.key)):
+            self.state["best"] = metrics
+        if generations:
+            _write_generations(self.job.out_dir, step, generations)
+        return metrics
+
+    def checkpoint(self) -> None:
+        """Add the time since the last checkpoint to the run's training time and save a resume checkpoint."""
+        self.state["wall_time_s"] += time.time() - self.started
+        self.started = time.time()
+        if self.world.is_main:
+            save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, self.state)
+        self.world.barrier()  # no rank runs ahead of the checkpoint it would resume from
+
+    def result(self) -> FitResult:
+        self.bar.close()
+        self.state["wall_time_s"] += time.time() - self.started
+        self.started = time.time()
+        return FitResult(steps=self.total, final=self.state["final"], best=self.state["best"],
+                         resumed_from=self.resumed_from, wall_time_s=self.state["wall_time_s"],
+                         step_time_s=self.clock.median(), first_step_at=self.clock.first_step_at,
+                         fast_path=self.fast.describe())
+
+
+def fit(job: FitJob) -> FitResult:
+    """Train ``job.model`` on ``job.data.train`` with trainer config ``job.cfg``; evaluate, checkpoint, resume.
+    The best evaluation is the one with the highest ``eval/<task.metric>``."""
+    training = Training(job)
+    while not training.done:
+        training.after_step(training.step())
+    return training.result()
 
 
 def _graph_blocker(world: distributed.World, schedule) -> str | None:
