@@ -28,8 +28,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank.runner.config import ConfigError, first_line, validate
-from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, end_attempt, read_result, start_attempt,
-                                   write_result)
+from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, end_attempt, owned, read_result,
+                                   start_attempt, vouched_damage, vouched_files, write_result)
 
 log = logging.getLogger(__name__)
 # Keys that say where/how a run is stored or shown, not what it computes (left out of the fingerprint).
@@ -160,18 +160,32 @@ def quiet_libraries() -> None:
 # ---- one run ----------------------------------------------------------------------------------------------
 
 def run(cfg: DictConfig) -> dict:
-    """Run (or skip, or resume) the job ``cfg`` in ``cfg.paths.output_dir``; return its result dict."""
+    """Run (or skip, or resume) the job ``cfg`` in ``cfg.paths.output_dir``; return its result dict.
+
+    The process holds the run directory's lock (``rundir.owned``) throughout; ``RunDirBusy`` if another
+    process holds it. A data error (``data.DataError``) is written as the run's failed result and raised.
+    """
+    from lowrank.runner import distributed
+
+    quiet_libraries()
+    cfg = validate(cfg)
+    world = distributed.current()  # torchrun: one process per GPU; only rank 0 owns the run dir and writes
+    if not world.is_main:
+        return _run(cfg, world)
+    with owned(cfg.paths.output_dir):
+        return _run(cfg, world)
+
+
+def _run(cfg: DictConfig, world) -> dict:
     import torch
 
     import lowrank
     from lowrank.runner import data as task_data
-    from lowrank.runner import distributed, models, train
-    from lowrank.runner.checkpoints import latest_checkpoint, read_state
+    from lowrank.runner import models, train
+    from lowrank.runner.checkpoints import latest_checkpoint, read_state, usable_checkpoint
     from lowrank.runner.loss import uses_bf16
     from lowrank.runner.tracking import Tracker
 
-    quiet_libraries()
-    cfg = validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     fp = fingerprint(cfg)
     ident = identity(cfg)
@@ -181,14 +195,18 @@ def run(cfg: DictConfig) -> dict:
         log.warning("%s; running the job again", e)
         previous = None
     if previous is not None and previous.get("status") == "completed":
-        if previous.get("fingerprint") == fp:
+        damage = vouched_damage(run_dir, previous) if previous.get("fingerprint") == fp else None
+        if damage:  # the files it vouched for changed since: not complete any more
+            log.warning("%s: %s; running the job again", run_dir, damage)
+        elif previous.get("fingerprint") == fp:
             log.info("%s: already completed, skipped", run_dir)
+            return previous
         else:  # same job folder, but the config changed since (edited defaults, a newer lowrank)
             changed = ", ".join(config_diff(identity(previous.get("config", {})), ident)[:5])
             log.warning("%s: completed earlier with another config (%s differ); skipped: delete the folder to "
                         "run it again", run_dir, changed or "?")
-        return previous
-    ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
+            return previous
+    ckpt = (usable_checkpoint if world.is_main else latest_checkpoint)(run_dir / CHECKPOINTS)
     if ckpt is not None:
         state = read_state(ckpt)
         if state.get("fingerprint") != fp:
@@ -196,18 +214,27 @@ def run(cfg: DictConfig) -> dict:
             raise ConfigError(f"run dir {run_dir} holds a checkpoint of another config ({changed} differ), which "
                               f"cannot be resumed; fix: delete {ckpt.parent} or choose another hydra.run.dir / "
                               f"hydra.sweep.dir")
+    job = hydra_job()
+    try:  # the data are checked before any model loads
+        raw = task_data.raw_columns(cfg.task, cfg.paths.data_dir)
+    except task_data.DataError as e:
+        if world.is_main:
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_result(run_dir, {"status": "failed", "error": str(e), "failed_step": None,
+                                   "metric": f"eval/{cfg.task.metric}", "final": None, "best": None,
+                                   "config": OmegaConf.to_container(cfg, resolve=True), "overrides": job["overrides"],
+                                   "job": job["name"], "fingerprint": fp, "started_at": now, "finished_at": now})
+        raise
 
     started = time.time()
     rss_at_start = _rss_mb()
     startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
-    job = hydra_job()
     model_config = models.load_config(cfg.model, cfg.task)
     check_targets(cfg, model_config)  # imports the model's transformers code: most of the start-up on a small model
     startup["config_checked"] = _since_process_start(time.time())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     train.seed_everything(cfg.seed)
-    world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
     device = world.device(cfg.trainer.device, job["num"])
     bf16 = uses_bf16(device, cfg.trainer.precision)
     dtype = models.weight_dtype(cfg.model.dtype, device, bf16)
@@ -218,7 +245,7 @@ def run(cfg: DictConfig) -> dict:
     trainable, total = lowrank.count_parameters(model)
     predicted = _predicted_costs(model, cfg, device, bf16)
     data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
-                          max_eval_samples=cfg.trainer.max_eval_samples)
+                          max_eval_samples=cfg.trainer.max_eval_samples, raw=raw)
     startup["data_loaded"] = _since_process_start(time.time())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if not world.is_main:
@@ -241,6 +268,7 @@ def run(cfg: DictConfig) -> dict:
                    if hasattr(layer, "scaling")}
         lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
+        result["files"] = vouched_files(run_dir)  # what a later skip checks before trusting this run
         first_step = _since_process_start(fit.first_step_at)
         result.update(status="completed", final=fit.final, best=fit.best, steps=fit.steps,
                       resumed_from_step=fit.resumed_from, train_time_s=round(fit.wall_time_s, 2),

@@ -22,15 +22,43 @@ _failures: list[str] = []
 
 def task(cfg: DictConfig) -> dict:
     """Hydra's task function (``run.py``): a config error exits with one line and status 2; a failed
-    run is recorded in its result.json, counted, and the sweep goes on."""
+    run is recorded in its result.json, counted, and the sweep goes on.
+
+    A run directory another process holds, or task data that cannot be used, stop a single run with one
+    line and status 2; in a sweep the job is reported in one line (running elsewhere: skipped; a data
+    error: that job's failed result) and the other jobs go on."""
+    from lowrank.runner.data import DataError
+    from lowrank.runner.rundir import RunDirBusy
+
     try:
         result = app.run(cfg)
+    except (RunDirBusy, DataError) as e:
+        if not _in_sweep():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        if isinstance(e, RunDirBusy):
+            print(f"skipped: {e}", file=sys.stderr, flush=True)
+            return {"status": "running elsewhere", "error": str(e)}
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _failures.append(str(cfg.paths.output_dir))
+        return {"status": "failed", "error": str(e)}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if result["status"] != "completed":
         _failures.append(str(cfg.paths.output_dir))
     return result
+
+
+def _in_sweep() -> bool:
+    """Whether this job is one of a Hydra multirun (``-m``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        return False
 
 
 def exit_status() -> int:

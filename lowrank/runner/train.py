@@ -284,10 +284,7 @@ def fit(model: nn.Module, data: TaskData, task, cfg, *, out_dir: Path, seed: int
     resumed_from = None
     ckpt = latest_checkpoint(ckpt_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)
-        if fingerprint and state.get("fingerprint") != fingerprint:
-            raise ValueError(f"checkpoint {ckpt} was written by another configuration; fix: use a new run dir "
-                             f"(hydra.run.dir / hydra.sweep.dir) or delete {ckpt_dir}")
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, device)  # its fingerprint: app.run checks it
         resumed_from = state["step"]
         tracker.rewind(resumed_from)
         log.info("resuming from %s (step %d of %d)", ckpt, resumed_from, total)
