@@ -28,7 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank.runner.config import ConfigError, first_line, validate
-from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, end_attempt, owned, read_result,
+from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, counted, end_attempt, owned, read_result,
                                    start_attempt, vouched_damage, vouched_files, write_result)
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,16 @@ def check_targets(cfg: DictConfig, model_config) -> None:
     from lowrank.runner import models
 
     skeleton = models.skeleton(cfg.model, cfg.task, model_config)
+    if cfg.layers is not None:
+        from lowrank.targeting import layer_index
+
+        indices = {layer_index(name) for name, _ in skeleton.named_modules()} - {None}
+        outside = [i for i in cfg.layers if i not in indices]
+        if outside and indices:
+            last = max(indices)
+            raise ConfigError(f"layers={list(cfg.layers)}: model {cfg.model.name} has layers 0..{last} ({last + 1} "
+                              f"layers), so {outside[0]} is out of range; fix: choose layers in 0..{last}, e.g. "
+                              f"layers=[0,{last}], or layers=null for all")
     try:
         kwargs = adapt_kwargs(cfg)
         lowrank.adapt(skeleton, kwargs.pop("adapter"), **kwargs)
@@ -281,7 +291,7 @@ def _run(cfg: DictConfig, world) -> dict:
         traceback.print_exc()
     ended = time.time()
     # wall time over every attempt of a resumed run (train_time_s counts training time the same way)
-    result.update(wall_time_s=round(end_attempt(run_dir, attempts, ended), 2), attempts=len(attempts),
+    result.update(wall_time_s=round(end_attempt(run_dir, attempts, ended), 2), attempts=len(counted(attempts)),
                   attempt_wall_time_s=round(ended - started, 2), **_peak_memory(),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tracker.summary({"status": result["status"], "wall_time_s": result["wall_time_s"],

@@ -249,6 +249,12 @@ def _check_adapter(cfg) -> None:
     if not all(isinstance(t, str) for t in cfg.targets):
         raise ConfigError(f"targets={OmegaConf.to_container(cfg.targets)} must be a flat list of names; fix: e.g. "
                           f"targets=[q,v]")
+    repeated = sorted({t for t in cfg.targets if list(cfg.targets).count(t) > 1})
+    if repeated:
+        raise ConfigError(f"targets={OmegaConf.to_container(cfg.targets)} names {repeated[0]!r} twice; fix: name each "
+                          f"target once, e.g. targets=[{','.join(dict.fromkeys(cfg.targets))}]")
+    if cfg.layers is not None and len(set(cfg.layers)) != len(cfg.layers):
+        raise ConfigError(f"layers={OmegaConf.to_container(cfg.layers)} repeats a layer; fix: name each layer once")
     if spec.wraps and not cfg.targets:
         raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
     dropout = cfg.adapter.options.get("dropout")
@@ -262,7 +268,14 @@ def _check_trainer(t) -> None:
         _positive(f"trainer.{key}", t[key])
     for key in ("max_steps", "epochs", "eval_every", "checkpoint_every", "save_weights_every", "warmup_steps"):
         _positive(f"trainer.{key}", t[key], allow_zero=True)
-    _positive("trainer.lr", t.lr)
+    if t.lr <= 0:
+        raise ConfigError(f"trainer.lr={t.lr} must be > 0; fix: e.g. trainer.lr=5e-4 for LoRA-family adapters "
+                          f"(the LoRA paper's RoBERTa-base range is 4e-4 to 5e-4) or trainer.lr=2e-5 for full "
+                          f"fine-tuning")
+    _positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
+    if t.max_grad_norm < 0:
+        raise ConfigError(f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0; fix: e.g. trainer.max_grad_norm=1.0 "
+                          f"(0 turns clipping off)")
     _positive("trainer.max_eval_samples", t.max_eval_samples)
     if t.max_steps == 0 and t.epochs == 0:
         raise ConfigError("trainer.max_steps=0 and trainer.epochs=0 train nothing; fix: e.g. trainer.max_steps=250")

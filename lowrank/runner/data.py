@@ -307,7 +307,11 @@ def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -
     from omegaconf import OmegaConf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:  # the tokenizer itself, not the truncation/padding state a call leaves in it
+        vocab = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+                           sort_keys=True)
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     key = json.dumps({"task": OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task,
                       "files": [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in files],
                       "tokenizer": [type(tokenizer).__name__, hashlib.sha1(vocab.encode()).hexdigest(),
