@@ -84,8 +84,10 @@ def test_fingerprint_ignores_where_and_how_a_run_is_logged():
     (["trainer.lr=0"], "trainer.lr=5e-4"),
 ])
 def test_validation_errors_are_one_line_and_name_the_value(overrides, needle):
+    from lowrank.runner.app import check
+
     with pytest.raises(ConfigError) as e:
-        validate(composed(*overrides), check_data=False)
+        check(composed(*overrides))
     message = str(e.value)
     assert needle in message and "fix:" in message and "\n" not in message
 

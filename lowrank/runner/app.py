@@ -1,8 +1,9 @@
 """One Hydra job = one run: the only place where the Hydra config is translated into library calls.
 
-``run(cfg)`` validates the config, skips the job if its run dir already holds a completed result of the
-same configuration, builds the model skeleton on the meta device to check the targets, loads the model
-(``lowrank.runner.models``) and data (``lowrank.runner.data``), calls ``lowrank.adapt``, trains (``lowrank.runner.train.fit``,
+``run(cfg)`` checks the config (``check``, unless the command line did), takes the run dir's lock, skips
+the job if its run dir already holds a completed result of the same configuration whose vouched files are
+whole, reads and checks the task data, loads the model (``lowrank.runner.models``), tokenises the data
+(``lowrank.runner.data``), calls ``lowrank.adapt``, trains (``lowrank.runner.train.fit``,
 which resumes from the run dir's last checkpoint), saves the adapter, mirrors to W&B
 (``lowrank.runner.tracking``) and finally writes ``result.json`` atomically. A training failure (non-finite loss,
 any error after the config checks) gives ``status: failed`` with the error; a configuration error raises
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank.runner.config import ConfigError, first_line, validate
+from lowrank.runner.config import ConfigError, as_typed, first_line, validate
 from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, counted, end_attempt, owned, read_result,
                                    start_attempt, vouched_damage, vouched_files, write_result)
 
@@ -169,16 +170,28 @@ def quiet_libraries() -> None:
 
 # ---- one run ----------------------------------------------------------------------------------------------
 
-def run(cfg: DictConfig) -> dict:
+def check(cfg: DictConfig) -> DictConfig:
+    """The whole configuration check of one job: ``validate`` (values, names, files), then
+    ``check_targets`` (targets, rank, alpha and options on the model's skeleton); the typed config."""
+    from lowrank.runner import models
+
+    cfg = validate(cfg)
+    check_targets(cfg, models.load_config(cfg.model, cfg.task))
+    return cfg
+
+
+def run(cfg: DictConfig, *, checked: bool = False) -> dict:
     """Run (or skip, or resume) the job ``cfg`` in ``cfg.paths.output_dir``; return its result dict.
 
-    The process holds the run directory's lock (``rundir.owned``) throughout; ``RunDirBusy`` if another
-    process holds it. A data error (``data.DataError``) is written as the run's failed result and raised.
+    ``checked``: the command line has already run ``check`` on this job (``command.preflight``), so the
+    config is only typed here; otherwise it is checked first. The process holds the run directory's lock
+    (``rundir.owned``) throughout; ``RunDirBusy`` if another process holds it. A data error
+    (``data.DataError``) is written as the run's failed result and raised.
     """
     from lowrank.runner import distributed
 
     quiet_libraries()
-    cfg = validate(cfg)
+    cfg = as_typed(cfg) if checked else check(cfg)
     world = distributed.current()  # torchrun: one process per GPU; only rank 0 owns the run dir and writes
     if not world.is_main:
         return _run(cfg, world)
@@ -240,7 +253,6 @@ def _run(cfg: DictConfig, world) -> dict:
     rss_at_start = _rss_mb()
     startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
     model_config = models.load_config(cfg.model, cfg.task)
-    check_targets(cfg, model_config)  # imports the model's transformers code: most of the start-up on a small model
     startup["config_checked"] = _since_process_start(time.time())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
