@@ -148,7 +148,7 @@ def test_an_empty_eval_file_fails_before_any_model_loads_with_strict_json(tiny_d
     cfg = _cfg(*tiny_args(tiny_bert), out=tmp_path / "run", data_dir=root)
     with pytest.raises(data.DataError, match="stsa.binary.dev.txt: no examples"):
         app.run(cfg)
-    result = json.loads((tmp_path / "run" / RESULT).read_text())  # strict: json.loads accepts NaN, so check too
+    result = json.loads((tmp_path / "run" / RESULT).read_text(), parse_constant=lambda c: pytest.fail(c))
     assert result["status"] == "failed" and "stsa.binary.dev.txt: no examples" in result["error"]
 
 

@@ -13,6 +13,9 @@ because Latin-1 files contain \\x85, which ``str.splitlines`` would treat as a l
 (no header, ``csv.QUOTE_NONE``) and ``e2e_csv`` (header ``mr,ref,...``). Tasks with one unsplit file get
 a fixed split from ``task.split.seed`` (not the run's seed: every run holds out the same examples).
 If the local files are missing and the hub is reachable, the task's ``hub`` source is used instead.
+Every split is checked when read, before any model loads (``check_split`` and the readers): each line
+decodes, has its columns and a label in the task's set, and no split is empty; ``DataError`` (a
+``ConfigError``: one line naming the file, the line and the fix) otherwise.
 
 ``load(task, tokenizer, ...)`` tokenises: ``input_ids`` + ``labels`` (class ids, or for generation the
 target tokens with the prompt masked to -100), and ``collate`` pads a batch. Tokenised local data is
