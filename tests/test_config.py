@@ -81,7 +81,7 @@ def test_fingerprint_ignores_where_and_how_a_run_is_logged():
     (["trainer.weight_decay=-1"], "trainer.weight_decay=-1"),
     (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1"),
     (["targets=[q,q]"], "names 'q' twice"),
-    (["trainer.lr=0"], "trainer.lr=5e-4"),
+    (["trainer.lr=0"], "trainer.lr=1e-3"),
 ])
 def test_validation_errors_are_one_line_and_name_the_value(overrides, needle):
     from lowrank.runner.app import check

@@ -267,10 +267,11 @@ def _check_trainer(t) -> None:
     for key in ("max_steps", "epochs", "eval_every", "checkpoint_every", "save_weights_every", "warmup_steps"):
         _positive(f"trainer.{key}", t[key], allow_zero=True)
     if t.lr <= 0:
-        raise ConfigError(f"trainer.lr={t.lr} must be > 0; fix: e.g. trainer.lr=5e-4 for LoRA-family adapters "
-                          f"(the LoRA paper's RoBERTa-base range is 4e-4 to 5e-4) or trainer.lr=2e-5 for full "
-                          f"fine-tuning")
-    _positive("trainer.weight_decay", t.weight_decay, allow_zero=True)
+        raise ConfigError(f"trainer.lr={t.lr} must be > 0; fix: e.g. trainer.lr=1e-3 for an adapter (trainer=default; "
+                          f"trainer=paper_glue has the LoRA paper's 5e-4) or trainer.lr=2e-5 for full fine-tuning")
+    if t.weight_decay < 0:
+        raise ConfigError(f"trainer.weight_decay={t.weight_decay} must be >= 0; fix: e.g. trainer.weight_decay=0.01 "
+                          f"(AdamW's default; 0 turns decay off)")
     if t.max_grad_norm < 0:
         raise ConfigError(f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0; fix: e.g. trainer.max_grad_norm=1.0 "
                           f"(0 turns clipping off)")
