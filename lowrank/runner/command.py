@@ -16,7 +16,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank.runner import app
-from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, validate
+from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, validate, writable
 
 _failures: list[str] = []
 _preflighted = False  # True once preflight has checked every job of this process's command line
@@ -163,7 +163,7 @@ def _set(cfg: DictConfig, override) -> None:
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if node is None or leaf not in node:
             raise ConfigError(f"cannot delete '{key}': it is not in the config; fix: check its spelling")
-        with _open(node):
+        with writable(node):
             del node[leaf]
         return
     exists = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False) is not _MISSING
@@ -173,24 +173,11 @@ def _set(cfg: DictConfig, override) -> None:
         raise ConfigError(f"unknown config key '{key}'; fix: check its spelling (`python run.py --cfg job` lists "
                           f"the keys)")
     value = override.value()
-    with _open(cfg):
+    with writable(cfg):
         OmegaConf.update(cfg, key, value, merge=isinstance(value, dict), force_add=True)
 
 
 _MISSING = object()
-
-
-class _open:
-    """Lift struct mode on a node for a block (Hydra's overrides may add keys)."""
-
-    def __init__(self, node):
-        self.node, self.struct = node, OmegaConf.is_struct(node)
-
-    def __enter__(self):
-        OmegaConf.set_struct(self.node, False)
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.node, self.struct)
 
 
 def _composition_error(e: Exception) -> ConfigError:

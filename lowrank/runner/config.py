@@ -98,11 +98,13 @@ def _normalise(cfg: DictConfig) -> None:
     for key in ("targets", "layers"):
         value = cfg.get(key)
         if value is not None and not isinstance(value, ListConfig):
-            with _writable(cfg):
+            with writable(cfg):
                 cfg[key] = [value]
 
 
-class _writable:
+class writable:
+    """Lift struct mode on a config node for a block (to add or delete keys)."""
+
     def __init__(self, cfg):
         self.cfg, self.struct = cfg, OmegaConf.is_struct(cfg)
 
