@@ -164,7 +164,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|datasets)\..*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "torchao",
+                 "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
