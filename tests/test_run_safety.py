@@ -191,7 +191,8 @@ def test_damaged_adapter_reruns_and_damaged_checkpoint_is_moved_aside(tiny_data,
     cfg = _cfg(*tiny_args(tiny_bert, "trainer.max_eval_samples=16"), out=out, data_dir=tiny_data)
     first = app.run(cfg)
     adapter = out / "adapter" / "adapter.safetensors"
-    assert first["status"] == "completed" and first["files"]["adapter/adapter.safetensors"]["size"] == adapter.stat().st_size
+    assert first["status"] == "completed"
+    assert first["files"]["adapter/adapter.safetensors"]["size"] == adapter.stat().st_size
     whole = adapter.read_bytes()
 
     assert app.run(cfg)["started_at"] == first["started_at"], "a whole completed run is skipped"

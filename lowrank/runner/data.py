@@ -109,8 +109,9 @@ def read_cola_tsv(path: Path, encoding: str = "utf-8") -> dict[str, list]:
             continue
         n = rows.line_num
         if len(row) < 4 or not row[3].strip():
-            raise DataError(f"{path}:{n}: {len(row)} tab-separated column(s) {'with an empty sentence ' if len(row) >= 4 else ''}"
-                            f"where CoLA has 4 (source, label, mark, sentence); fix: correct or remove the line")
+            empty = "with an empty sentence " if len(row) >= 4 else ""
+            raise DataError(f"{path}:{n}: {len(row)} tab-separated column(s) {empty}where CoLA has 4 (source, label, "
+                            f"mark, sentence); fix: correct or remove the line")
         labels.append(_label(path, n, row[1]))
         texts.append(row[3])
         lines.append(n)
@@ -311,8 +312,8 @@ def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the tokenizer itself, not the truncation/padding state a call leaves in it
-        vocab = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
-                           sort_keys=True)
+        state = json.loads(backend.to_str())
+        vocab = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
     else:
         vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     key = json.dumps({"task": OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task,
