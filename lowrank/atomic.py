@@ -1,19 +1,23 @@
 """Atomic file writes: write a temporary sibling, then rename it over the target.
 
 A reader (or a process killed mid-write) never sees half a file: the target is either the old file or
-the whole new one. Every file the library and the runner write goes through here.
+the whole new one. Every file the library and the runner write goes through here. Each writer gets its own
+temporary name (``<name>.<pid>.<random>.tmp``, in the same folder so that the rename stays on one file
+system), so processes writing the same file at once (parallel sweep jobs filling the token cache) never
+remove or replace each other's half-written file: the last rename wins, and every rename is a whole file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_text", "write_json"]
+__all__ = ["atomic_path", "temporary_name", "write_text", "write_json"]
 
 
 @contextmanager
@@ -21,8 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit rename it over ``path`` (a file or a
     folder), on an error remove it and leave ``path`` as it was."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _remove(tmp)
+    tmp = temporary_name(path)
     try:
         yield tmp
     except BaseException:
@@ -31,6 +34,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if tmp.is_dir():
         _remove(path)
     os.replace(tmp, path)
+
+
+def temporary_name(path: Path) -> Path:
+    """A sibling of ``path`` that no other writer uses: ``<name>.<pid>.<8 hex digits>.tmp``."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -78,10 +78,16 @@ def test_fingerprint_ignores_where_and_how_a_run_is_logged():
     (["trainer.batch_size=10", "trainer.grad_accum=3"], "trainer.batch_size=10"),
     (["adapter=flora", "+adapter.options.rslora=true"], "rslora"),
     (["targets=[]"], "targets=[]"),
+    (["trainer.weight_decay=-1"], "trainer.weight_decay=-1"),
+    (["trainer.max_grad_norm=-1"], "trainer.max_grad_norm=-1"),
+    (["targets=[q,q]"], "names 'q' twice"),
+    (["trainer.lr=0"], "trainer.lr=1e-3"),
 ])
 def test_validation_errors_are_one_line_and_name_the_value(overrides, needle):
+    from lowrank.runner.app import check
+
     with pytest.raises(ConfigError) as e:
-        validate(composed(*overrides), check_data=False)
+        check(composed(*overrides))
     message = str(e.value)
     assert needle in message and "fix:" in message and "\n" not in message
 

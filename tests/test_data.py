@@ -44,7 +44,7 @@ def test_split_does_not_depend_on_the_run_seed(tiny_data):
 
 def test_bad_label_line_is_one_clear_error(tmp_path):
     (tmp_path / "f.txt").write_text("1 fine\nnot-a-label text\n")
-    with pytest.raises(ConfigError, match=r"f.txt:2 does not start with an integer label"):
+    with pytest.raises(ConfigError, match=r"f.txt:2: label .not-a-label. is not an integer; fix:"):
         data.read_label_text(tmp_path / "f.txt")
 
 

@@ -3,6 +3,8 @@ and its first job trains end to end on a tiny model for a few steps (``trainer=s
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -27,9 +29,15 @@ def test_preset_runs(preset, tiny_bert, tiny_llama, tiny_data, tmp_path, monkeyp
     overrides = [f"experiment={preset}", *(f"{k}={v}" for k, v in sweep.items()), "trainer=smoke", "logger=none",
                  f"model.pretrained={model}", "model.name=tiny", "model.gguf_file=null", "model.dtype=float32",
                  f"paths.data_dir={tiny_data}", "trainer.save_weights_at=[0,3,6]"]
-    # every job of the preset's own sweep validates (the command-line preflight)
+    # every job of the preset's own sweep passes the command-line preflight, which adapts the model's skeleton
+    # (built from config.json alone): a copy of the tiny model's config wide enough for the presets' ranks
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=128, intermediate_size=256)
+    (wide / "config.json").write_text(json.dumps(config))
     assert command.preflight(["-m", f"experiment={preset}", "trainer=smoke", "trainer.save_weights_at=[0,3,6]",
-                          f"model.pretrained={model}", "model.name=tiny", "model.gguf_file=null",
+                          f"model.pretrained={wide}", "model.name=tiny", "model.gguf_file=null",
                           "model.dtype=float32"]) >= 1
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

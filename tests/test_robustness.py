@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, cli_env, run_cli, tiny_args
 
 from lowrank.runner.config import DEFAULT_DATA_DIR
-from lowrank.runner.rundir import ATTEMPTS, end_attempt, start_attempt
+from lowrank.runner.rundir import ATTEMPTS, counted, end_attempt, start_attempt
 
 
 def _env_without_offline(**extra):
@@ -59,10 +59,14 @@ def test_a_killed_attempt_counts_until_its_last_write(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     os.utime(tmp_path / "metrics.jsonl", (1030.0, 1030.0))      # the killed process's last write
     attempts = start_attempt(tmp_path, 1100.0, resumed=True)
-    assert first[0]["started"] == 1000.0 and attempts[0] == {"started": 1000.0, "ended": 1030.0}
+    assert first[0]["started"] == 1000.0 and (attempts[0]["started"], attempts[0]["ended"]) == (1000.0, 1030.0)
+    assert attempts[-1]["pid"] == os.getpid() and attempts[-1]["resumed"]
     assert end_attempt(tmp_path, attempts, 1150.0) == pytest.approx(30.0 + 50.0)
     assert len(json.loads((tmp_path / ATTEMPTS).read_text())) == 2
-    assert len(start_attempt(tmp_path, 1200.0, resumed=False)) == 1, "a run that starts over counts itself only"
+    over = start_attempt(tmp_path, 1200.0, resumed=False)
+    assert len(over) == 3, "every attempt is recorded"
+    assert end_attempt(tmp_path, over, 1210.0) == pytest.approx(10.0), "a run that starts over counts itself only"
+    assert len(counted(over)) == 1
 
 
 def test_a_resumed_run_has_one_offline_wandb_run_and_stages_nothing_outside(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """One Hydra job = one run: the only place where the Hydra config is translated into library calls.
 
-``run(cfg)`` validates the config, skips the job if its run dir already holds a completed result of the
-same configuration, builds the model skeleton on the meta device to check the targets, loads the model
-(``lowrank.runner.models``) and data (``lowrank.runner.data``), calls ``lowrank.adapt``, trains (``lowrank.runner.train.fit``,
+``run(cfg)`` checks the config (``check``, unless the command line did), takes the run dir's lock, skips
+the job if its run dir already holds a completed result of the same configuration whose vouched files are
+whole, reads and checks the task data, loads the model (``lowrank.runner.models``), tokenises the data
+(``lowrank.runner.data``), calls ``lowrank.adapt``, trains (``lowrank.runner.train.fit``,
 which resumes from the run dir's last checkpoint), saves the adapter, mirrors to W&B
 (``lowrank.runner.tracking``) and finally writes ``result.json`` atomically. A training failure (non-finite loss,
 any error after the config checks) gives ``status: failed`` with the error; a configuration error raises
@@ -27,9 +28,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lowrank.runner.config import ConfigError, first_line, validate
-from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, end_attempt, read_result, start_attempt,
-                                   write_result)
+from lowrank.runner.config import ConfigError, as_typed, first_line, validate
+from lowrank.runner.rundir import (ADAPTER, CHECKPOINTS, BrokenResult, counted, end_attempt, owned, read_result,
+                                   start_attempt, vouched_damage, vouched_files, write_result)
 
 log = logging.getLogger(__name__)
 # Keys that say where/how a run is stored or shown, not what it computes (left out of the fingerprint).
@@ -79,6 +80,16 @@ def check_targets(cfg: DictConfig, model_config) -> None:
     from lowrank.runner import models
 
     skeleton = models.skeleton(cfg.model, cfg.task, model_config)
+    if cfg.layers is not None:
+        from lowrank.targeting import layer_index
+
+        indices = {layer_index(name) for name, _ in skeleton.named_modules()} - {None}
+        outside = [i for i in cfg.layers if i not in indices]
+        if outside and indices:
+            last = max(indices)
+            raise ConfigError(f"layers={list(cfg.layers)}: model {cfg.model.name} has layers 0..{last} ({last + 1} "
+                              f"layers), so {outside[0]} is out of range; fix: choose layers in 0..{last}, e.g. "
+                              f"layers=[0,{last}], or layers=null for all")
     try:
         kwargs = adapt_kwargs(cfg)
         lowrank.adapt(skeleton, kwargs.pop("adapter"), **kwargs)
@@ -154,25 +165,52 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|datasets)\..*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
+    for name in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock", "torchao",
+                 "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # ---- one run ----------------------------------------------------------------------------------------------
 
-def run(cfg: DictConfig) -> dict:
-    """Run (or skip, or resume) the job ``cfg`` in ``cfg.paths.output_dir``; return its result dict."""
+def check(cfg: DictConfig) -> DictConfig:
+    """The whole configuration check of one job: ``validate`` (values, names, files), then
+    ``check_targets`` (targets, rank, alpha and options on the model's skeleton); the typed config."""
+    from lowrank.runner import models
+
+    cfg = validate(cfg)
+    check_targets(cfg, models.load_config(cfg.model, cfg.task))
+    return cfg
+
+
+def run(cfg: DictConfig, *, checked: bool = False) -> dict:
+    """Run (or skip, or resume) the job ``cfg`` in ``cfg.paths.output_dir``; return its result dict.
+
+    ``checked``: the command line has already run ``check`` on this job (``command.preflight``), so the
+    config is only typed here; otherwise it is checked first. The process holds the run directory's lock
+    (``rundir.owned``) throughout; ``RunDirBusy`` if another process holds it. A data error
+    (``data.DataError``) is written as the run's failed result and raised.
+    """
+    from lowrank.runner import distributed
+
+    quiet_libraries()
+    cfg = as_typed(cfg) if checked else check(cfg)
+    world = distributed.current()  # torchrun: one process per GPU; only rank 0 owns the run dir and writes
+    if not world.is_main:
+        return _run(cfg, world)
+    with owned(cfg.paths.output_dir):
+        return _run(cfg, world)
+
+
+def _run(cfg: DictConfig, world) -> dict:
     import torch
 
     import lowrank
     from lowrank.runner import data as task_data
-    from lowrank.runner import distributed, models, train
-    from lowrank.runner.checkpoints import latest_checkpoint, read_state
+    from lowrank.runner import models, train
+    from lowrank.runner.checkpoints import latest_checkpoint, read_state, usable_checkpoint
     from lowrank.runner.loss import uses_bf16
     from lowrank.runner.tracking import Tracker
 
-    quiet_libraries()
-    cfg = validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     fp = fingerprint(cfg)
     ident = identity(cfg)
@@ -182,14 +220,18 @@ def run(cfg: DictConfig) -> dict:
         log.warning("%s; running the job again", e)
         previous = None
     if previous is not None and previous.get("status") == "completed":
-        if previous.get("fingerprint") == fp:
+        damage = vouched_damage(run_dir, previous) if previous.get("fingerprint") == fp else None
+        if damage:  # the files it vouched for changed since: not complete any more
+            log.warning("%s: %s; running the job again", run_dir, damage)
+        elif previous.get("fingerprint") == fp:
             log.info("%s: already completed, skipped", run_dir)
+            return previous
         else:  # same job folder, but the config changed since (edited defaults, a newer lowrank)
             changed = ", ".join(config_diff(identity(previous.get("config", {})), ident)[:5])
             log.warning("%s: completed earlier with another config (%s differ); skipped: delete the folder to "
                         "run it again", run_dir, changed or "?")
-        return previous
-    ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
+            return previous
+    ckpt = (usable_checkpoint if world.is_main else latest_checkpoint)(run_dir / CHECKPOINTS)
     if ckpt is not None:
         state = read_state(ckpt)
         if state.get("fingerprint") != fp:
@@ -197,18 +239,26 @@ def run(cfg: DictConfig) -> dict:
             raise ConfigError(f"run dir {run_dir} holds a checkpoint of another config ({changed} differ), which "
                               f"cannot be resumed; fix: delete {ckpt.parent} or choose another hydra.run.dir / "
                               f"hydra.sweep.dir")
+    job = hydra_job()
+    try:  # the data are checked before any model loads
+        raw = task_data.raw_columns(cfg.task, cfg.paths.data_dir)
+    except task_data.DataError as e:
+        if world.is_main:
+            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_result(run_dir, {"status": "failed", "error": str(e), "failed_step": None,
+                                   "metric": f"eval/{cfg.task.metric}", "final": None, "best": None,
+                                   "config": OmegaConf.to_container(cfg, resolve=True), "overrides": job["overrides"],
+                                   "job": job["name"], "fingerprint": fp, "started_at": now, "finished_at": now})
+        raise
 
     started = time.time()
     rss_at_start = _rss_mb()
     startup = {"job_started": _since_process_start(started)}  # seconds from process start, per phase
-    job = hydra_job()
     model_config = models.load_config(cfg.model, cfg.task)
-    check_targets(cfg, model_config)  # imports the model's transformers code: most of the start-up on a small model
     startup["config_checked"] = _since_process_start(time.time())
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     train.seed_everything(cfg.seed)
-    world = distributed.current()  # torchrun: one process per GPU; only rank 0 writes and logs
     device = world.device(cfg.trainer.device, job["num"])
     bf16 = uses_bf16(device, cfg.trainer.precision)
     dtype = models.weight_dtype(cfg.model.dtype, device, bf16)
@@ -219,7 +269,7 @@ def run(cfg: DictConfig) -> dict:
     trainable, total = lowrank.count_parameters(model)
     predicted = _predicted_costs(model, cfg, device, bf16)
     data = task_data.load(cfg.task, tokenizer, data_dir=cfg.paths.data_dir, max_seq_len=cfg.trainer.max_seq_len,
-                          max_eval_samples=cfg.trainer.max_eval_samples)
+                          max_eval_samples=cfg.trainer.max_eval_samples, raw=raw)
     startup["data_loaded"] = _since_process_start(time.time())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     fit_job = train.FitJob(model, data, cfg.task, cfg.trainer, out_dir=run_dir, seed=cfg.seed,
@@ -245,6 +295,7 @@ def run(cfg: DictConfig) -> dict:
                    if hasattr(layer, "scaling")}
         lowrank.fold(model)  # a reparameterisation (prefix MLP, prompt encoder) is saved as its values
         lowrank.save_adapter(model, run_dir / ADAPTER, extra={"scaling": scaling})
+        result["files"] = vouched_files(run_dir)  # what a later skip checks before trusting this run
         first_step = _since_process_start(fit.first_step_at)
         if "allocated_ranks" in lowrank.adapter_config(model):  # AdaLoRA's final rank per module
             result["allocated_ranks"] = lowrank.adapter_config(model)["allocated_ranks"]
@@ -259,7 +310,7 @@ def run(cfg: DictConfig) -> dict:
         traceback.print_exc()
     ended = time.time()
     # wall time over every attempt of a resumed run (train_time_s counts training time the same way)
-    result.update(wall_time_s=round(end_attempt(run_dir, attempts, ended), 2), attempts=len(attempts),
+    result.update(wall_time_s=round(end_attempt(run_dir, attempts, ended), 2), attempts=len(counted(attempts)),
                   attempt_wall_time_s=round(ended - started, 2), **_peak_memory(),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tracker.summary({"status": result["status"], "wall_time_s": result["wall_time_s"],

@@ -4,10 +4,12 @@
 (``lowrank.runner.schema``: types, unknown keys) and against what exists (adapter names, adapter options, task kinds and metrics,
 packaged models, the local data files) and raises ``ConfigError`` with ONE line that names the bad value
 and the fix. ``run.py`` calls it on every job of a sweep before anything is launched
-(``lowrank.runner.command.preflight``) and again inside each job.
+(``lowrank.runner.command.preflight``); the jobs it launches then only merge their config onto the schema
+(``as_typed``).
 
-Whether the model has the requested ``targets`` needs the model's module names; that check builds the
-model's skeleton on the meta device (no weights) in ``lowrank.runner.app``.
+Whether the model has the requested ``targets`` (and whether the adapter takes the rank, alpha and options
+given) needs the model's module names and the library's own checks; ``lowrank.runner.app.check_targets``
+adapts the model's skeleton on the meta device (no weights) for that, in the same preflight pass.
 """
 
 from __future__ import annotations
@@ -96,11 +98,13 @@ def _normalise(cfg: DictConfig) -> None:
     for key in ("targets", "layers"):
         value = cfg.get(key)
         if value is not None and not isinstance(value, ListConfig):
-            with _writable(cfg):
+            with writable(cfg):
                 cfg[key] = [value]
 
 
-class _writable:
+class writable:
+    """Lift struct mode on a config node for a block (to add or delete keys)."""
+
     def __init__(self, cfg):
         self.cfg, self.struct = cfg, OmegaConf.is_struct(cfg)
 
@@ -156,21 +160,28 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 # ---- the validation pass ------------------------------------------------------------------------------
 
-def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
-    """Type-check ``cfg`` against ``Config`` and check its names and files; return the typed config.
-
-    Raises ``ConfigError`` (one line: the bad value and the fix). ``check_data=False`` skips the data
-    directory check (used where no data is read).
-    """
+def as_typed(cfg: DictConfig) -> DictConfig:
+    """``cfg`` merged onto the schema (``targets=q`` read as ``[q]``, the default data dir filled in): the
+    typed config every later step reads. Raises ``ConfigError`` on a wrong type or an unknown key; checks
+    no values (``validate`` does)."""
     cfg = cfg.copy()
     _normalise(cfg)
     try:
         typed = OmegaConf.merge(_schema(), cfg)
     except OmegaConfBaseException as e:
         raise _type_error(e) from None
-
     if typed.paths.data_dir is None:
         typed.paths.data_dir = str(DEFAULT_DATA_DIR)
+    return typed
+
+
+def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
+    """Type-check ``cfg`` against ``Config`` and check its names and files; return the typed config.
+
+    Raises ``ConfigError`` (one line: the bad value and the fix). ``check_data=False`` skips the data
+    directory check (used where no data is read).
+    """
+    typed = as_typed(cfg)
     _check_model(typed.model)
     _check_quantize(typed)
     _check_task(typed.task)
@@ -254,19 +265,18 @@ def _check_adapter(cfg) -> None:
     name = cfg.adapter.name
     if name not in ADAPTERS:
         raise ConfigError(f"adapter {name!r} is unknown; fix: adapter=<one of {', '.join(ADAPTERS)}>")
+    # Adapter options, rank and alpha are the library's to check (``lowrank.adapt``): ``app.check_targets``
+    # calls it on the model's skeleton and reports its refusal as a ConfigError.
     spec = ADAPTERS[name]
-    unknown = sorted(set(cfg.adapter.options) - set(spec.options) - {"train_modules"})
-    if unknown:
-        raise ConfigError(f"adapter.options {unknown} are not options of {name}; fix: remove them (it takes "
-                          f"{', '.join(spec.options) or 'none'})")
-    if spec.uses_rank:
-        if cfg.rank <= 0:
-            raise ConfigError(f"rank={cfg.rank} must be a positive integer; fix: e.g. rank=8")
-        if cfg.alpha is not None and cfg.alpha <= 0:
-            raise ConfigError(f"alpha={cfg.alpha} must be positive; fix: e.g. alpha=16, or alpha=null for α = r")
     if not all(isinstance(t, str) for t in cfg.targets):
         raise ConfigError(f"targets={OmegaConf.to_container(cfg.targets)} must be a flat list of names; fix: e.g. "
                           f"targets=[q,v]")
+    repeated = sorted({t for t in cfg.targets if list(cfg.targets).count(t) > 1})
+    if repeated:
+        raise ConfigError(f"targets={OmegaConf.to_container(cfg.targets)} names {repeated[0]!r} twice; fix: name each "
+                          f"target once, e.g. targets=[{','.join(dict.fromkeys(cfg.targets))}]")
+    if cfg.layers is not None and len(set(cfg.layers)) != len(cfg.layers):
+        raise ConfigError(f"layers={OmegaConf.to_container(cfg.layers)} repeats a layer; fix: name each layer once")
     if spec.wraps and not cfg.targets:
         raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
     init = cfg.adapter.get("init")
@@ -281,10 +291,6 @@ def _check_adapter(cfg) -> None:
     if ratio is not None and (ratio <= 0 or name not in ("lora", "dora")):
         raise ConfigError(f"trainer.lora_plus_ratio={ratio} needs adapter=lora or dora and a positive ratio (lora_B's "
                           f"lr = ratio × lr); fix: e.g. trainer.lora_plus_ratio=16, or remove it")
-    dropout = cfg.adapter.options.get("dropout")
-    if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-        raise ConfigError(f"adapter.options.dropout={dropout!r} must be in [0, 1); fix: e.g. "
-                          f"adapter.options.dropout=0.1")
 
 
 def _check_trainer(t) -> None:
@@ -292,7 +298,15 @@ def _check_trainer(t) -> None:
         _positive(f"trainer.{key}", t[key])
     for key in ("max_steps", "epochs", "eval_every", "checkpoint_every", "save_weights_every", "warmup_steps"):
         _positive(f"trainer.{key}", t[key], allow_zero=True)
-    _positive("trainer.lr", t.lr)
+    if t.lr <= 0:
+        raise ConfigError(f"trainer.lr={t.lr} must be > 0; fix: e.g. trainer.lr=1e-3 for an adapter (trainer=default; "
+                          f"trainer=paper_glue has the LoRA paper's 5e-4) or trainer.lr=2e-5 for full fine-tuning")
+    if t.weight_decay < 0:
+        raise ConfigError(f"trainer.weight_decay={t.weight_decay} must be >= 0; fix: e.g. trainer.weight_decay=0.01 "
+                          f"(AdamW's default; 0 turns decay off)")
+    if t.max_grad_norm < 0:
+        raise ConfigError(f"trainer.max_grad_norm={t.max_grad_norm} must be >= 0; fix: e.g. trainer.max_grad_norm=1.0 "
+                          f"(0 turns clipping off)")
     _positive("trainer.max_eval_samples", t.max_eval_samples)
     if t.max_steps == 0 and t.epochs == 0:
         raise ConfigError("trainer.max_steps=0 and trainer.epochs=0 train nothing; fix: e.g. trainer.max_steps=250")

@@ -13,6 +13,9 @@ because Latin-1 files contain \\x85, which ``str.splitlines`` would treat as a l
 (no header, ``csv.QUOTE_NONE``) and ``e2e_csv`` (header ``mr,ref,...``). Tasks with one unsplit file get
 a fixed split from ``task.split.seed`` (not the run's seed: every run holds out the same examples).
 If the local files are missing and the hub is reachable, the task's ``hub`` source is used instead.
+Every split is checked when read, before any model loads (``check_split`` and the readers): each line
+decodes, has its columns and a label in the task's set, and no split is empty; ``DataError`` (a
+``ConfigError``: one line naming the file, the line and the fix) otherwise.
 
 ``load(task, tokenizer, ...)`` tokenises: ``input_ids`` + ``labels`` (class ids, or for generation the
 target tokens with the prompt masked to -100), and ``collate`` pads a batch. Tokenised local data is
@@ -50,39 +53,107 @@ def _quiet() -> None:
 
 
 # ---- reading local files ------------------------------------------------------------------------------
+#
+# A reader turns one local file into columns (``text``/``label``, or ``mr``/``ref``) plus ``line``, each
+# row's line number in the file, and raises ``DataError`` for a line it cannot use (bad encoding, missing
+# columns, a label that is not an integer). ``check_split`` then checks what every task of the kind needs
+# (labels in the task's set, at least one example), whichever reader produced the rows. A new format (an
+# image folder, say) is one more entry in ``READERS`` (and ``config.LOCAL_FORMATS``) whose rows carry
+# ``line`` (or any per-row locator it names in its messages) and ``label``.
+
+class DataError(ConfigError):
+    """Task data that cannot be used as it is: one line naming the file, the line and the fix."""
+
 
 def _read_text(path: Path, encoding: str) -> str:
-    return path.read_bytes().decode(encoding)
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} is not valid {encoding}; fix: re-save the file "
+                        f"as {encoding}, or set task.local.encoding to its encoding (e.g. latin-1)") from None
+
+
+def _label(path: Path, n: int, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{path}:{n}: label {value[:40]!r} is not an integer; fix: correct or remove the line, or "
+                        f"check task.local.format for this file") from None
 
 
 def read_label_text(path: Path, encoding: str = "utf-8") -> dict[str, list]:
-    """``<label> <text>`` per line -> {"text": [...], "label": [...]}."""
-    texts, labels = [], []
+    """``<label> <text>`` per line -> {"text": [...], "label": [...], "line": [...]}. A label with no text after
+    it is kept as an empty text (the published SentEval files hold a few: CR and MPQA, whose example counts
+    include them) and said once per file, naming the first such line."""
+    texts, labels, lines, empty = [], [], [], []
     for n, line in enumerate(_read_text(path, encoding).split("\n"), 1):
         line = line.rstrip("\r")
         if not line.strip():
             continue
-        label, _, text = line.partition(" ")
-        try:
-            labels.append(int(label))
-        except ValueError:
-            raise ConfigError(f"{path}:{n} does not start with an integer label ({line[:40]!r}); fix: check "
-                              f"task.local.format for this file") from None
+        label, _, text = line.strip().partition(" ")
+        labels.append(_label(path, n, label))
+        if not text.strip():
+            empty.append(n)
         texts.append(text.strip())
-    return {"text": texts, "label": labels}
+        lines.append(n)
+    if empty:
+        log.warning("%s: %d line(s) hold a label but no text (first: line %d); kept as empty texts", path,
+                    len(empty), empty[0])
+    return {"text": texts, "label": labels, "line": lines}
 
 
 def read_cola_tsv(path: Path, encoding: str = "utf-8") -> dict[str, list]:
-    """CoLA's raw TSV (source, label, author's mark, sentence) -> {"text", "label"}."""
+    """CoLA's raw TSV (source, label, author's mark, sentence) -> {"text", "label", "line"}."""
     rows = csv.reader(io.StringIO(_read_text(path, encoding), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    rows = [r for r in rows if r]
-    return {"text": [r[3] for r in rows], "label": [int(r[1]) for r in rows]}
+    texts, labels, lines = [], [], []
+    for row in rows:
+        if not row:
+            continue
+        n = rows.line_num
+        if len(row) < 4 or not row[3].strip():
+            empty = "with an empty sentence " if len(row) >= 4 else ""
+            raise DataError(f"{path}:{n}: {len(row)} tab-separated column(s) {empty}where CoLA has 4 (source, label, "
+                            f"mark, sentence); fix: correct or remove the line")
+        labels.append(_label(path, n, row[1]))
+        texts.append(row[3])
+        lines.append(n)
+    return {"text": texts, "label": labels, "line": lines}
 
 
 def read_e2e_csv(path: Path, encoding: str = "utf-8") -> dict[str, list]:
-    """E2E's CSV -> {"mr": [...], "ref": [...]}, one row per reference."""
-    rows = list(csv.DictReader(io.StringIO(_read_text(path, encoding), newline="")))
-    return {"mr": [r["mr"] for r in rows], "ref": [r["ref"] for r in rows]}
+    """E2E's CSV -> {"mr": [...], "ref": [...], "line": [...]}, one row per reference."""
+    reader = csv.DictReader(io.StringIO(_read_text(path, encoding), newline=""))
+    if not {"mr", "ref"} <= set(reader.fieldnames or ()):
+        raise DataError(f"{path}:1: the header {reader.fieldnames} lacks mr and ref; fix: start the file with the "
+                        f"E2E header mr,ref,...")
+    mrs, refs, lines = [], [], []
+    for row in reader:
+        if not (row.get("mr") or "").strip() or not (row.get("ref") or "").strip():
+            raise DataError(f"{path}:{reader.line_num}: a row without its mr or ref; fix: correct or remove the line")
+        mrs.append(row["mr"])
+        refs.append(row["ref"])
+        lines.append(reader.line_num)
+    return {"mr": mrs, "ref": refs, "line": lines}
+
+
+def check_split(task, source, columns: dict[str, list]) -> None:
+    """What every split of a task needs, whichever reader made it: at least one example, and (classification)
+    every label in the task's label set ``0 .. num_labels-1``. ``source`` names the file (or hub split)."""
+    n = len(next(iter(columns.values()), []))
+    if n == 0:
+        raise DataError(f"{source}: no examples, so task {task.name} would train or evaluate on nothing; fix: put "
+                        f"the task's examples in the file, or point paths.data_dir at a complete copy")
+    if task.kind != "classification":
+        return
+    allowed = range(task.num_labels)
+    where = columns.get("line") or [None] * n
+    for label, line in zip(columns["label"], where):
+        if label not in allowed:
+            at = f"{source}:{line}" if line is not None else f"{source} (row of label {label})"
+            raise DataError(f"{at}: label {label} is not one of task {task.name}'s labels 0..{task.num_labels - 1}; "
+                            f"fix: correct or remove the line, or set task.num_labels")
 
 
 READERS = {"label_text": read_label_text, "cola_tsv": read_cola_tsv, "e2e_csv": read_e2e_csv}
@@ -105,18 +176,23 @@ def fixed_split(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np
 
 
 def local_columns(task, data_dir) -> dict[str, dict[str, list]]:
-    """The task's local files under ``data_dir`` as ``{split: {column: list}}`` (see the module docstring);
-    plain lists, so that tokenising local data never imports ``datasets``."""
+    """The task's local files under ``data_dir`` as ``{split: {column: list}}`` (see the module docstring),
+    each file checked (``check_split``); plain lists, so that reading local data never imports ``datasets``."""
     root = Path(str(data_dir)).expanduser()
     reader = READERS[task.local.format]
     splits: dict[str, dict[str, list]] = {}
     for split, rel in local_files(task).items():
         splits[split] = reader(root / rel, task.local.encoding)
+        check_split(task, root / rel, splits[split])
+    for columns in splits.values():
+        columns.pop("line", None)
     if "all" in splits:
         columns = splits.pop("all")
         train_idx, eval_idx = fixed_split(len(next(iter(columns.values()))), task.split.eval_fraction, task.split.seed)
         splits["train"] = {k: [v[i] for i in train_idx] for k, v in columns.items()}
         splits["eval"] = {k: [v[i] for i in eval_idx] for k, v in columns.items()}
+        for split in ("train", "eval"):
+            check_split(task, f"{root / local_files(task)['all']} ({split} part)", splits[split])
     if task.kind == "generation":
         for split in ("eval", "test"):
             if split in splits:
@@ -180,7 +256,10 @@ def raw_columns(task, data_dir) -> dict[str, dict[str, list]]:
     if _has_local_files(task, data_dir):
         return local_columns(task, data_dir)
     _quiet()
-    return {split: ds.to_dict() for split, ds in _from_hub(task, data_dir).items()}
+    splits = {split: ds.to_dict() for split, ds in _from_hub(task, data_dir).items()}
+    for split, columns in splits.items():
+        check_split(task, f"{task.hub.path} ({split})", columns)
+    return splits
 
 
 # ---- tokenising --------------------------------------------------------------------------------------
@@ -236,19 +315,24 @@ def _cache_file(task, tokenizer, data_dir, max_seq_len: int, max_eval_samples) -
     from omegaconf import OmegaConf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:  # the tokenizer itself, not the truncation/padding state a call leaves in it
+        state = json.loads(backend.to_str())
+        vocab = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     key = json.dumps({"task": OmegaConf.to_container(task, resolve=True) if OmegaConf.is_config(task) else task,
                       "files": [[str(f), (st := f.stat()).st_size, st.st_mtime_ns] for f in files],
                       "tokenizer": [type(tokenizer).__name__, hashlib.sha1(vocab.encode()).hexdigest(),
                                     tokenizer.pad_token_id, tokenizer.eos_token_id],
-                      "max_seq_len": max_seq_len, "max_eval_samples": max_eval_samples, "format": 1},
+                      "max_seq_len": max_seq_len, "max_eval_samples": max_eval_samples, "format": 2},
                      sort_keys=True, default=str)
     return cache / f"{task.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pkl"
 
 
-def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None = None) -> TaskData:
-    """Read ``task`` (``load_raw``) and tokenise it for ``tokenizer``, truncating at ``max_seq_len``; from
-    the cache when this exact tokenisation was done before."""
+def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None = None,
+         raw: dict[str, dict[str, list]] | None = None) -> TaskData:
+    """Read ``task`` (``raw_columns``, or ``raw`` when already read) and tokenise it for ``tokenizer``,
+    truncating at ``max_seq_len``; from the cache when this exact tokenisation was done before."""
     from lowrank.atomic import atomic_path
 
     if task.get("image") is not None:  # an image task: pixels, not tokens
@@ -263,7 +347,8 @@ def load(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int |
             fields = None
         if fields is not None:
             return _with_decoder(TaskData(**fields), tokenizer)
-    td = _tokenise(task, tokenizer, data_dir=data_dir, max_seq_len=max_seq_len, max_eval_samples=max_eval_samples)
+    td = _tokenise(task, tokenizer, raw if raw is not None else raw_columns(task, data_dir), max_seq_len=max_seq_len,
+                   max_eval_samples=max_eval_samples)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         fields = {k: getattr(td, k) for k in ("kind", "train", "eval", "pad_id", "prompts", "references", "sources")}
@@ -289,8 +374,8 @@ def _batched(fn, columns: dict[str, list], size: int = 1000) -> dict[str, list]:
     return out
 
 
-def _tokenise(task, tokenizer, *, data_dir, max_seq_len: int, max_eval_samples: int | None) -> TaskData:
-    raw = raw_columns(task, data_dir)
+def _tokenise(task, tokenizer, raw: dict[str, dict[str, list]], *, max_seq_len: int,
+              max_eval_samples: int | None) -> TaskData:
     train, ev = raw["train"], raw["eval"]
     if max_eval_samples is not None:
         ev = {k: v[:max_eval_samples] for k, v in ev.items()}

@@ -355,10 +355,7 @@ class Training:
         self.resumed_from = None
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is not None:
-            self.state = load_checkpoint(ckpt, model, self.optimizer, self.scheduler, device)
-            if job.fingerprint and self.state.get("fingerprint") != job.fingerprint:
-                raise ValueError(f"checkpoint {ckpt} was written by another configuration; fix: use a new run dir "
-                                 f"(hydra.run.dir / hydra.sweep.dir) or delete {self.ckpt_dir}")
+            self.state = load_checkpoint(ckpt, model, self.optimizer, self.scheduler, device)  # app.run checked it
             self.resumed_from = self.state["step"]
             self.tracker.rewind(self.resumed_from)
             log.info("resuming from %s (step %d of %d)", ckpt, self.resumed_from, total)
