@@ -195,12 +195,12 @@ def _vision_sweeps() -> list[list[str]]:
 RECIPES = [
     Recipe("flora_vision", "FLoRA vs LoRA (PEFT and loralib conv forms), DoRA, BitFit, head-only and full FT on a "
            "pretrained ConvNet's convolutions at matched parameter budgets", ref.FLORA_VISION, _vision_sweeps(), [],
-           vision_checks, "30 runs of 60 steps: ~1 h on 2 busy CPU cores; ~3 min on one H200 with --jobs 12", collect=collect_vision,
+           vision_checks, "30 runs of 60 steps: ~1 h on a 2-core CPU; ~3 min on one H200 with --jobs 12", collect=collect_vision,
            tables=vision_tables),
     Recipe("flora_scale", "FLoRA's scale s on convolutions (EfficientNet-Lite0) and on linear layers (MiniLM)",
            ref.FLORA_SCALE, [[*VISION, "adapter=flora", f"adapter.options.scale={SCALES}", "seed=0"],
                              [*VISION, "adapter=flora", f"adapter.options.scale={SCALES}", "seed=1"],
                              [*LINEAR, "adapter=flora", f"adapter.options.scale={SCALES}", "seed=0"]], [],
-           scale_checks, "10 ConvNet runs of 60 steps + 5 MiniLM runs of 100 steps: ~30 min on 2 CPU cores; ~3 min on one H200",
+           scale_checks, "10 ConvNet runs of 60 steps + 5 MiniLM runs of 100 steps: ~30 min on a 2-core CPU; ~3 min on one H200",
            collect=collect_scale, tables=scale_tables),
 ]
