@@ -240,7 +240,7 @@ def _first(children: dict, names) -> tuple[str, nn.Module] | None:
 
 def _config_of(module: nn.Module, model: nn.Module):
     config = getattr(module, "config", None)
-    return config if hasattr(config, "model_type") else model.config
+    return config if hasattr(config, "model_type") else getattr(model, "config", None)
 
 
 def _attention(prefix: str, module: nn.Module, parent: nn.Module | None, model: nn.Module) -> dict | None:
