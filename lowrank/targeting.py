@@ -81,7 +81,7 @@ FAMILIES = (
         "up": r"mlp\.c_fc", "down": r"mlp\.c_proj",
     }),
     Family("llama", ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
-                     "olmo2", "smollm3", "granite", "starcoder2", "cohere"), {
+                     "olmo2", "smollm3", "granite", "cohere"), {
         "q": r"self_attn\.q_proj", "k": r"self_attn\.k_proj", "v": r"self_attn\.v_proj", "o": r"self_attn\.o_proj",
         "gate": r"mlp\.gate_proj", "up": r"mlp\.up_proj", "down": r"mlp\.down_proj",
     }),

@@ -1,0 +1,407 @@
+"""Paper names q, k, v, o on every model type of transformers' registry that has attention.
+
+A tiny random model is built from each type's own config class (few layers, small widths and vocabulary).
+For each of q, k, v, o, ``resolve`` must name exactly one projection per attention (self- and cross-), and
+that projection must be the one the attention reads:
+
+- q, k, v: a perturbation added to the projection's output at one position p reaches the attention call
+  (transformers' attention interface, recorded by wrapping ``sdpa``) only in the query (resp. key, value)
+  tensor, only at position p. Models that do not call the interface are checked through their attention
+  probabilities (``output_attentions``): perturbing q at p changes only row p of that layer's probabilities,
+  k changes other rows too, v and o change none.
+- o: its input is the attention call's output (interface), or it reads the value mix linearly (a value
+  perturbation doubled doubles the change of o's input; probabilities path).
+
+q and v must also name the modules PEFT's default LoRA targets name
+(``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``), and the family table must agree with the
+structure read from the module tree. The default run covers the claimed types, popular types and ViT-style
+encoders (``DEFAULT_TYPES``); every other registry type runs under ``-m integration``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES  # noqa: E402
+
+from lowrank.adapters.base import layer_kind  # noqa: E402
+from lowrank.targeting import FAMILIES, PAPER_NAMES, _family_matches, resolve, structure  # noqa: E402
+
+CLAIMED = sorted({t for family in FAMILIES for t in family.model_types})
+POPULAR = ("phi", "phi3", "falcon", "gptj", "gpt_neo", "bloom", "mpt", "stablelm", "gpt_bigcode", "qwen2_moe",
+           "qwen3_moe", "gemma3", "llama4", "deepseek_v3", "glm", "vit", "swin", "clip", "roformer", "albert",
+           "longformer", "modernbert", "mpnet", "deberta")
+VISION = ("deit", "siglip", "dinov2", "beit", "vit_mae", "swinv2", "clip_vision_model", "siglip_vision_model")
+DEFAULT_TYPES = sorted(set(CLAIMED) | set(POPULAR) | set(VISION) | {"convnext"})
+
+#: Types that are not checked, with the reason.
+SKIPPED: dict[str, str] = {
+    "convnext": "no attention: convolutions only (targets by layer kind)",
+    "swinv2": "outside the attention interface, and its attention probabilities come per stage, not per block",
+}
+
+#: Config fields set on every (sub-)config that has them: a model of a few layers and tiny widths.
+SMALL = dict(
+    hidden_size=32, d_model=32, n_embd=32, n_embed=32, embed_dim=32, num_hidden_layers=2, num_layers=2, n_layer=2,
+    n_layers=2, encoder_layers=1, decoder_layers=1, num_decoder_layers=1, num_attention_heads=4, n_head=4,
+    num_heads=4, n_heads=4, encoder_attention_heads=4, decoder_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=48, ffn_dim=48, encoder_ffn_dim=48, decoder_ffn_dim=48, d_ff=48, n_inner=48, vocab_size=64,
+    head_dim=8, d_kv=8, max_position_embeddings=64, image_size=32, patch_size=8, num_experts=4,
+    num_local_experts=4, n_routed_experts=4, moe_intermediate_size=16, num_experts_per_tok=2,
+    shared_expert_intermediate_size=16, ffn_hidden_size=48, pad_token_id=0, kv_lora_rank=16, q_lora_rank=16,
+    qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1, first_k_dense_replace=1,
+    attention_window=4, embedding_size=32, rotary_dim=4, projection_size=32, max_source_positions=8,
+)
+#: Per-type fields on top of ``SMALL`` (what a type needs to run at that size).
+OVERRIDES: dict[str, dict] = {
+    "swin": {"image_size": 32, "patch_size": 4, "window_size": 2, "depths": [2, 2], "num_heads": [2, 4]},
+    "swinv2": {"image_size": 32, "patch_size": 4, "window_size": 2, "depths": [2, 2], "num_heads": [2, 4]},
+    "xmod": {"default_language": "en_XX"},
+}
+POSITION, TOKENS = 2, 6
+
+
+def shrink(config, depth: int = 0, own: bool = True):
+    """Set ``SMALL``'s fields on ``config`` (unless ``own`` is False) and on its sub-configs."""
+    for key, value in SMALL.items() if own else ():
+        current = getattr(config, key, None)
+        if isinstance(current, int) and not isinstance(current, bool):
+            try:
+                setattr(config, key, value)
+            except AttributeError:  # a derived field (a property)
+                pass
+        elif key == "attention_window" and isinstance(current, list):
+            setattr(config, key, [value] * len(current))
+    for key in list(vars(config)):
+        sub = getattr(config, key)
+        if depth < 3 and hasattr(sub, "to_dict") and hasattr(sub, "model_type"):
+            shrink(sub, depth + 1)
+    return config
+
+
+def build(model_type: str, attn: str):
+    torch.manual_seed(0)
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    small = {k: v for k, v in SMALL.items() if isinstance(getattr(default, k, None), int)
+             and not isinstance(getattr(default, k), bool)}
+    try:  # through the constructor, so that derived fields (head_dim, qk_head_dim, ...) follow
+        config = shrink(cls(**small), own=False)
+    except Exception:
+        config = shrink(default)
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        setattr(config, key, value)
+    return transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
+
+
+def inputs(model) -> list[dict]:
+    """Forward arguments to try, in order: every input the model takes, then text only, then images only."""
+    params = inspect.signature(model.forward).parameters
+    g = torch.Generator().manual_seed(1)
+    vocab = getattr(model.config, "vocab_size", None) or getattr(getattr(model.config, "text_config", None),
+                                                                 "vocab_size", 64)
+    text = {"input_ids": torch.randint(3, min(vocab, 64), (1, TOKENS), generator=g)}
+    if "decoder_input_ids" in params:
+        text["decoder_input_ids"] = torch.randint(3, min(vocab, 64), (1, TOKENS), generator=g)
+    vision = getattr(model.config, "vision_config", None) or model.config
+    image = {}
+    if "pixel_values" in params and isinstance(getattr(vision, "image_size", None), int):
+        channels = getattr(vision, "num_channels", 3)
+        image = {"pixel_values": torch.randn(1, channels, vision.image_size, vision.image_size, generator=g,
+                                             )}
+    if "noise" in params and image:  # ViT-MAE's patch shuffle, fixed
+        patches = (vision.image_size // vision.patch_size) ** 2
+        image["noise"] = torch.rand(1, patches, generator=g)
+    if "input_features" in params:  # speech encoders: (batch, mel bins, frames)
+        frames = 2 * getattr(model.config, "max_source_positions", TOKENS)
+        text.pop("input_ids")
+        return [{"input_features": torch.randn(1, model.config.num_mel_bins, frames, generator=g), **text}]
+    options = [{**text, **image}] if "input_ids" in params else []
+    options += [text] if "input_ids" in params else []
+    options += [image] if image else []
+    return options
+
+
+class Recorder:
+    """Wraps transformers' ``sdpa`` attention: every call's module, query, key, value and output."""
+
+    def __init__(self, original):
+        self.original, self.calls = original, []
+
+    def __call__(self, module, query, key, value, *args, **kwargs):
+        out, weights = self.original(module, query, key, value, *args, **kwargs)
+        self.calls.append((module, query.detach().clone(), key.detach().clone(), value.detach().clone(),
+                           out.detach().clone()))
+        return out, weights
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    from transformers.modeling_utils import AttentionInterface
+
+    rec = Recorder(AttentionInterface._global_mapping["sdpa"])
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", rec)
+    return rec
+
+
+def perturb(module, rows, scale: float = 1.0, seed: int = 5):
+    """A forward hook adding a fixed random vector to the output at position ``POSITION`` (``rows`` only)."""
+    def hook(_, __, out):
+        out = out.clone()
+        width = out.shape[-1] if rows is None else len(rows)
+        delta = torch.randn(width, generator=torch.Generator().manual_seed(seed), dtype=out.dtype) * scale
+        index = torch.arange(out.shape[-1]) if rows is None else rows
+        out[(*position_index(out), index)] += delta
+        return out
+    return module.register_forward_hook(hook)
+
+
+def position_index(out: torch.Tensor) -> tuple:
+    """Index of position ``POSITION`` in a projection's output: the last dimension before the features that
+    is longer than 1 (batch is 1; Longformer's are (positions, batch, features), Swin's (windows, positions,
+    features))."""
+    dims = [d for d in range(out.dim() - 1) if out.shape[d] > 1]
+    return tuple(POSITION if d == dims[-1] else slice(None) for d in range(out.dim() - 1))
+
+
+def changed_rows(a: torch.Tensor, b: torch.Tensor) -> set[int]:
+    diff = (a - b).abs().transpose(0, -2).reshape(a.shape[-2], -1).amax(1)
+    return {int(i) for i in torch.nonzero(diff > 1e-5)}
+
+
+def first_tensor(out):
+    """The first tensor of a model output (its last hidden state or logits)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for value in (out.values() if hasattr(out, "values") else out):
+        if isinstance(value, (torch.Tensor, tuple, list, dict)) and (found := first_tensor(value)) is not None:
+            return found
+    return None
+
+
+def run(model, args, **kw):
+    with torch.no_grad():
+        return model(**args, use_cache=False, **kw) if "use_cache" in inspect.signature(model.forward).parameters \
+            else model(**args, **kw)
+
+
+def forward_args(model):
+    for args in inputs(model):
+        try:
+            run(model, args)
+            return args
+        except Exception:
+            continue
+    pytest.skip(f"{model.config.model_type}: no simple forward (needs inputs this test does not build)")
+
+
+def owner_call(calls, name: str, modules: dict):
+    """The first attention call whose module is the projection's attention (an ancestor of it)."""
+    ancestors = {id(modules[prefix]) for prefix in _prefixes(name)}
+    return next((i for i, call in enumerate(calls) if id(call[0]) in ancestors), None)
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def check_interface(model, rec, args, found) -> int:
+    """q, k, v, o checked against the recorded attention calls; returns how many projections were checked."""
+    modules = dict(model.named_modules())
+    rec.calls.clear()
+    run(model, args)
+    base = list(rec.calls)
+    checked, owners = 0, {t: {} for t in "qkv"}
+    for t, slot in (("q", 1), ("k", 2), ("v", 3)):
+        for target in found[t]:
+            i = owner_call(base, target.name, modules)
+            if i is None:
+                continue  # its attention did not run on these inputs (e.g. a vision tower without images)
+            rows = None if target.slices is None else target.slices[t]
+            handle = perturb(target.module, rows)
+            rec.calls.clear()
+            try:
+                run(model, args)
+            finally:
+                handle.remove()
+            after = rec.calls[i]
+            for other in (1, 2, 3):
+                moved = changed_rows(after[other], base[i][other])
+                if other == slot:
+                    assert moved == {POSITION}, f"{t}={target.name}: its attention's {'qkv'[slot - 1]} moved at {moved}"
+                else:
+                    assert not moved, f"{t}={target.name} also moves the attention's {'qkv'[other - 1]}"
+            owners[t].setdefault(i, []).append(target.name)
+            checked += 1
+    for t in "qkv":  # exactly one projection per attention that ran
+        assert all(len(v) == 1 for v in owners[t].values()), f"{t}: several projections feed one attention: {owners[t]}"
+        assert set(owners[t]) == set(owners["q"]), f"{t} feeds other attentions than q"
+    outputs = [call[4] for call in base]
+    for target in found["o"]:
+        seen = []
+        handle = target.module.register_forward_pre_hook(lambda _, a: seen.append(a[0].detach().clone()))
+        try:
+            run(model, args)
+        finally:
+            handle.remove()
+        if not seen:
+            continue
+        x = seen[0]
+        hits = [i for i, out in enumerate(outputs) if out.numel() == x.numel()
+                and torch.allclose(out.reshape(x.shape), x, atol=1e-5)]
+        if owners["q"] and not hits and not any(owner_call(base, target.name, modules) == i for i in owners["q"]):
+            continue  # not an attention that ran
+        assert hits, f"o={target.name}: its input is no attention output"
+        checked += 1
+    return checked
+
+
+def check_probabilities(model, args, found) -> int:
+    """q, k, v, o checked through each layer's attention probabilities (models outside the interface)."""
+    out = run(model, args, output_attentions=True)
+    probs = getattr(out, "attentions", None)
+    if not probs:
+        pytest.skip(f"{model.config.model_type}: neither the attention interface nor output_attentions")
+    assert len(found["q"]) == len(probs), f"{len(found['q'])} q projections for {len(probs)} attention layers"
+    index = {target.name: i for i, target in enumerate(found["q"])}
+    layer_of = {t: [index_for(target, found, index) for target in found[t]] for t in "qkvo"}
+    for t in "qkv":
+        assert sorted(layer_of[t]) == list(range(len(probs))), f"{t}: not one projection per layer"
+    result = first_tensor(out)
+    o_of = dict(zip(layer_of["o"], found["o"]))
+    for t in "qkvo":
+        for layer, target in zip(layer_of[t], found[t]):
+            rows = None if target.slices is None else target.slices[t]
+            handle = perturb(target.module, rows)
+            try:
+                after = run(model, args, output_attentions=True)
+            finally:
+                handle.remove()
+            moved = changed_rows(after.attentions[layer], probs[layer])
+            if t == "q":
+                assert moved == {POSITION}, f"q={target.name}: probabilities moved in rows {moved}"
+            elif t == "k":
+                assert moved - {POSITION}, f"k={target.name}: probabilities moved in rows {moved} only"
+            else:
+                assert not moved, f"{t}={target.name} moves the attention probabilities"
+                assert changed_rows(first_tensor(after), result), f"{t}={target.name} changes nothing"
+            if t == "v":  # o reads the value mix linearly: twice the value change, twice o's input change
+                o = o_of[layer]
+                seen = []
+                hook = o.module.register_forward_pre_hook(lambda _, a: seen.append(a[0].detach().clone()))
+                try:
+                    run(model, args)
+                    for scale in (1.0, 2.0):
+                        handle = perturb(target.module, rows, scale)
+                        try:
+                            run(model, args)
+                        finally:
+                            handle.remove()
+                finally:
+                    hook.remove()
+                d1, d2 = seen[1] - seen[0], seen[2] - seen[0]
+                assert d1.abs().max() > 1e-3 and torch.allclose(d2, 2 * d1, atol=1e-5), \
+                    f"o={o.name} does not read v={target.name}'s mix linearly"
+    return sum(len(found[t]) for t in "qkvo")
+
+
+def index_for(target, found, index):
+    """The layer of a projection: the q projection sharing its closest ancestor."""
+    best, depth = None, -1
+    for name, i in index.items():
+        common = 0
+        for a, b in zip(name.split("."), target.name.split(".")):
+            if a != b:
+                break
+            common += 1
+        if common > depth:
+            best, depth = i, common
+    return best
+
+
+def peft_modules(model, model_type: str) -> set[str] | None:
+    spec = PEFT_TARGETS.get(model_type)
+    if spec is None:
+        return None
+    names = set()
+    for name, module in model.named_modules():
+        if layer_kind(module) not in ("linear", "conv1d"):
+            continue
+        if isinstance(spec, str):
+            hit = re.fullmatch(spec, name) is not None
+        else:
+            hit = any(name == key or name.endswith("." + key) for key in spec)
+        if hit:
+            names.add(name)
+    return names
+
+
+def check_type(model_type: str, recorder) -> None:
+    if model_type in SKIPPED:
+        pytest.skip(SKIPPED[model_type])
+    try:
+        model = build(model_type, "sdpa")
+    except Exception:
+        model = build(model_type, "eager")
+    found = {t: resolve(model, [t]) for t in "qkvo"}
+    for t in "qkvo":  # one module per attention, and nothing adapted twice
+        assert len({x.name for x in found[t]}) == len(found[t]) == len(found["q"]), f"{t}: {len(found[t])} modules"
+    peft = peft_modules(model, model_type)
+    if peft is not None:
+        ours = {x.name for t in "qv" for x in found[t]}
+        everything = {x.name for t in PAPER_NAMES for x in _quiet(model, t)}
+        assert ours <= peft <= everything, f"q, v: {sorted(ours)}; PEFT's defaults: {sorted(peft)}"
+    args = forward_args(model)
+    recorder.calls.clear()
+    run(model, args)
+    if recorder.calls:
+        assert check_interface(model, recorder, args, found) > 0, "no projection's attention ran"
+    else:
+        eager = build(model_type, "eager")
+        check_probabilities(eager, args, {t: resolve(eager, [t]) for t in "qkvo"})
+
+
+def _quiet(model, target):
+    try:
+        return resolve(model, [target])
+    except ValueError:
+        return []
+
+
+@pytest.mark.parametrize("model_type", DEFAULT_TYPES)
+def test_q_k_v_o_feed_the_attention(model_type, recorder):
+    check_type(model_type, recorder)
+
+
+REGISTRY = sorted(t for t in CONFIG_MAPPING_NAMES if t in MODEL_MAPPING_NAMES and t not in DEFAULT_TYPES)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model_type", REGISTRY)
+def test_q_k_v_o_on_every_registry_type(model_type, recorder):
+    check_type(model_type, recorder)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_family_table_agrees_with_the_structure(family):
+    """The family table overrides the structural reading; on its own types the two must name the same
+    modules (and the same rows of a fused projection)."""
+    for model_type in family.model_types:
+        model = build(model_type, "eager")
+        read = structure(model)
+        for t in family.targets:
+            table = _family_matches(model, family, t)
+            by_structure = read.targets[t]
+            assert set(table) == set(by_structure), f"{model_type} {t}: {sorted(table)} vs {sorted(by_structure)}"
+            for name, rows in table.items():
+                other = by_structure[name]
+                assert (rows is None and other is None) or torch.equal(rows, other), f"{model_type} {t} {name}"
