@@ -1,8 +1,11 @@
 """Which modules of a Hugging Face model the paper's names q, k, v, o (and FFN names) refer to.
 
-A *family* maps each paper name to a regular expression over qualified module names, or, for a fused
+Any model is read from its module tree (``structure``: attentions found by their projections' names and
+checked by shapes, fused projections sliced by their model type's layout, the MLP of each block by name).
+A *family* overrides that reading for its model types: it maps each paper name to a regular expression over qualified module names, or, for a fused
 projection, to ``(regex, slicer)`` where ``slicer(out_features, config)`` gives the output rows of that
-matrix. Families are chosen by ``model.config.model_type``. Targets that are not paper names are
+matrix. Families are chosen by ``model.config.model_type``; ``resolve`` dispatches each target in
+``_matches``. Targets that are not paper names are
 explicit module names: an exact qualified name, a name suffix (``"query"`` matches
 ``...attention.self.query``, PEFT's rule) or, with a ``re:`` prefix, a regular expression that must
 match the whole name.
