@@ -260,9 +260,9 @@ def check_interface(model, rec, args, found) -> int:
         x = seen[0]
         hits = [i for i, out in enumerate(outputs) if out.numel() == x.numel()
                 and torch.allclose(out.reshape(x.shape), x, atol=1e-5)]
-        if owners["q"] and not hits and not any(owner_call(base, target.name, modules) == i for i in owners["q"]):
-            continue  # not an attention that ran
-        assert hits, f"o={target.name}: its input is no attention output"
+        if not hits:  # a gated or normalised attention output: o must still read the value mix linearly
+            v = found["v"][index_for(target, {x.name: i for i, x in enumerate(found["v"])})]
+            assert reads_value_mix(model, args, target, v), f"o={target.name}: its input is no attention output"
         checked += 1
     return checked
 
@@ -275,7 +275,7 @@ def check_probabilities(model, args, found) -> int:
         pytest.skip(f"{model.config.model_type}: neither the attention interface nor output_attentions")
     assert len(found["q"]) == len(probs), f"{len(found['q'])} q projections for {len(probs)} attention layers"
     index = {target.name: i for i, target in enumerate(found["q"])}
-    layer_of = {t: [index_for(target, found, index) for target in found[t]] for t in "qkvo"}
+    layer_of = {t: [index_for(target, index) for target in found[t]] for t in "qkvo"}
     for t in "qkv":
         assert sorted(layer_of[t]) == list(range(len(probs))), f"{t}: not one projection per layer"
     result = first_tensor(out)
@@ -296,27 +296,34 @@ def check_probabilities(model, args, found) -> int:
             else:
                 assert not moved, f"{t}={target.name} moves the attention probabilities"
                 assert changed_rows(first_tensor(after), result), f"{t}={target.name} changes nothing"
-            if t == "v":  # o reads the value mix linearly: twice the value change, twice o's input change
+            if t == "v":
                 o = o_of[layer]
-                seen = []
-                hook = o.module.register_forward_pre_hook(lambda _, a: seen.append(a[0].detach().clone()))
-                try:
-                    run(model, args)
-                    for scale in (1.0, 2.0):
-                        handle = perturb(target.module, rows, scale)
-                        try:
-                            run(model, args)
-                        finally:
-                            handle.remove()
-                finally:
-                    hook.remove()
-                d1, d2 = seen[1] - seen[0], seen[2] - seen[0]
-                assert d1.abs().max() > 1e-3 and torch.allclose(d2, 2 * d1, atol=1e-5), \
+                assert reads_value_mix(model, args, o, target), \
                     f"o={o.name} does not read v={target.name}'s mix linearly"
     return sum(len(found[t]) for t in "qkvo")
 
 
-def index_for(target, found, index):
+def reads_value_mix(model, args, o, v) -> bool:
+    """o reads the attention's value mix (P·V, perhaps gated per element): twice a change of v's output
+    changes o's input twice as much, and not by zero."""
+    rows = None if v.slices is None else v.slices["v"]
+    seen = []
+    hook = o.module.register_forward_pre_hook(lambda _, a: seen.append(a[0].detach().clone()))
+    try:
+        run(model, args)
+        for scale in (1.0, 2.0):
+            handle = perturb(v.module, rows, scale)
+            try:
+                run(model, args)
+            finally:
+                handle.remove()
+    finally:
+        hook.remove()
+    d1, d2 = seen[1] - seen[0], seen[2] - seen[0]
+    return bool(d1.abs().max() > 1e-3 and torch.allclose(d2, 2 * d1, atol=1e-5))
+
+
+def index_for(target, index):
     """The layer of a projection: the q projection sharing its closest ancestor."""
     best, depth = None, -1
     for name, i in index.items():
