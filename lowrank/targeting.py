@@ -122,7 +122,8 @@ Q_NAMES = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "q_b_proj")
 K_NAMES = ("k_proj", "key", "k", "k_lin", "wk", "key_proj")
 V_NAMES = ("v_proj", "value", "v", "v_lin", "wv", "value_proj")
 FUSED_NAMES = ("query_key_value", "qkv", "qkv_proj", "c_attn", "in_proj", "wqkv", "w_pack")
-O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "proj", "out")
+O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "proj", "out", "output", "projection",
+           "projection_layer")
 MLP_NAMES = {
     "up": ("up_proj", "fc1", "c_fc", "lin1", "wi", "wi_1", "dense_h_to_4h", "fc_in", "ffn", "w3",
            "intermediate.dense"),
@@ -293,6 +294,8 @@ def _attention(prefix: str, module: nn.Module, parent: nn.Module | None, model: 
                 break
     if o is not None and _in_features(o[1]) in widths.values():
         found["o"] = (o[0], None)
+    elif len(used) == 1:  # a fused projection counts as attention only with an o reading its q-wide output
+        return None       # (a state-space mixer's in_proj is not one)
     return found
 
 

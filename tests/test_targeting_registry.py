@@ -121,10 +121,12 @@ def inputs(model) -> list[dict]:
     if "noise" in params and image:  # ViT-MAE's patch shuffle, fixed
         patches = (vision.image_size // vision.patch_size) ** 2
         image["noise"] = torch.rand(1, patches, generator=g)
-    if "input_features" in params:  # speech encoders: (batch, mel bins, frames)
+    mels = next((getattr(c, "num_mel_bins") for c in (model.config, *vars(model.config).values())
+                 if isinstance(getattr(c, "num_mel_bins", None), int)), None)
+    if "input_features" in params and mels:  # speech encoders: (batch, mel bins, frames)
         frames = 2 * getattr(model.config, "max_source_positions", TOKENS)
         text.pop("input_ids")
-        return [{"input_features": torch.randn(1, model.config.num_mel_bins, frames, generator=g), **text}]
+        return [{"input_features": torch.randn(1, mels, frames, generator=g), **text}]
     options = [{**text, **image}] if "input_ids" in params else []
     options += [text] if "input_ids" in params else []
     options += [image] if image else []
