@@ -2,11 +2,11 @@
 
 Any model is read from its module tree (``structure``: attentions found by their projections' names and
 checked by shapes, fused projections sliced by their model type's layout, the MLP of each block by name).
-A *family* overrides that reading for its model types: it maps each paper name to a regular expression over qualified module names, or, for a fused
-projection, to ``(regex, slicer)`` where ``slicer(out_features, config)`` gives the output rows of that
-matrix. Families are chosen by ``model.config.model_type``; ``resolve`` dispatches each target in
-``_matches``. Targets that are not paper names are
-explicit module names: an exact qualified name, a name suffix (``"query"`` matches
+A *family* overrides that reading for its model types: it maps each paper name to a regular expression
+over qualified module names, or, for a fused projection, to ``(regex, slicer)`` where
+``slicer(out_features, config)`` gives the output rows of that matrix. Families are chosen by
+``model.config.model_type``; ``resolve`` dispatches each target in ``_matches``. Targets that are not paper
+names are explicit module names: an exact qualified name, a name suffix (``"query"`` matches
 ``...attention.self.query``, PEFT's rule) or, with a ``re:`` prefix, a regular expression that must
 match the whole name.
 """
@@ -131,8 +131,8 @@ MLP_NAMES = {
     "down": ("down_proj", "fc2", "c_proj", "lin2", "wo", "dense_4h_to_h", "fc_out", "ffn_output", "w2",
              "output.dense"),
 }
-FUSED_MLP_NAMES = ("gate_up_proj", "wi")
-BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # the outermost numbered module holding an attention: its block  # fused when its rows are twice the down projection's input
+FUSED_MLP_NAMES = ("gate_up_proj", "wi")  # fused when its rows are twice the down projection's input
+BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # the outermost numbered module holding an attention: its block
 
 
 def _heads(config) -> int:
@@ -255,7 +255,9 @@ def _attention(prefix: str, module: nn.Module, parent: nn.Module | None, model: 
     found, used = {}, set()
     q, k, v = _first(children, Q_NAMES), _first(children, K_NAMES), _first(children, V_NAMES)
     kv_b = children.get("kv_b_proj")
-    if q and kv_b:  # multi-head latent attention (DeepSeek-V2/V3): per head [k_nope | v] rows of kv_b_proj
+    if q and kv_b:  # multi-head latent attention (DeepSeek-V2/V3): q is q_b_proj (or q_proj); k and v are the
+        # per-head [k_nope | v] rows of kv_b_proj (the rotary key part, one head shared by all from
+        # kv_a_proj_with_mqa, is not k)
         heads = _heads(config)
         rows = split_rows(heads, (("k", config.qk_nope_head_dim), ("v", config.v_head_dim)))
         if _out_features(kv_b[1]) != len(rows["k"]) + len(rows["v"]):
