@@ -504,3 +504,23 @@ def test_lora_on_fused_slices_merges_to_its_forward(model_type):
     assert (y1 - y0).abs().max() > 1e-4
     lowrank.merge_adapters(model)
     assert torch.allclose(first_tensor(run(model, args)), y1, atol=1e-5)
+
+
+def test_moe_experts_refuse_ffn_names_in_one_line_and_attention_adapts():
+    """transformers stores MoE experts as one 3-D parameter per matrix: up/gate/down are refused in one line
+    naming it; q, k, v, o adapt as on a dense model."""
+    import lowrank
+
+    model = build("qwen2_moe", "eager")
+    with pytest.raises(ValueError, match=r"target 'up': .*mlp\.experts stores its experts as one 3-D parameter"):
+        resolve(model, ["up"])
+    lowrank.adapt(model, "lora", targets=["q", "v"], rank=2)
+    assert sorted(lowrank.adapted_modules(model)) == [f"layers.{i}.self_attn.{m}" for i in range(2)
+                                                      for m in ("q_proj", "v_proj")]
+
+
+def test_a_model_without_attention_names_its_modules_in_one_line():
+    model = build("mamba", "eager")  # a state-space mixer: its fused in_proj is no q, k, v
+    with pytest.raises(ValueError, match=r"target 'q': no q projection found in model_type 'mamba' .*in_proj") as e:
+        resolve(model, ["q", "v"])
+    assert "\n" not in str(e.value)
