@@ -38,7 +38,7 @@ from torch import nn
 
 from lowrank.adapters import DoRA, FusedLoRA, LoRA, layer_kind
 from lowrank.adapters.lora import converted_factors
-from lowrank.adapters.adalora import ALLOCATION, AdaDoRA, AdaLoRA
+from lowrank.adapters.adalora import ALLOCATION, AdaDoRA
 from lowrank.atomic import write_json
 from lowrank.core import adapt, adapted_modules, adapter_config, pattern_key, trainable_state_dict
 from lowrank.io import load_into, load_tensors, loading, read_json, save_tensors, weights_file

@@ -293,3 +293,15 @@ def test_sweep_records_final_ranks_and_the_ranks_analysis_draws_them(tiny_bert, 
                                   "bert.encoder.layer.0.attention.self.query": 5})
     assert kinds == ["q", "v"] and layers == [0, 1]
     np.testing.assert_array_equal(values, [[5, np.nan], [np.nan, 3]])
+
+
+@pytest.mark.parametrize("options, needle", [({"init": "pissa"}, "init='pissa' does not apply"),
+                                             ({"rslora": True}, "rslora=True does not apply")])
+def test_dora_with_allocation_refuses_options_it_would_drop(options, needle):
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32))
+    with pytest.raises(ValueError, match=needle) as e:
+        lowrank.adapt(model, "dora", targets=["q"], rank=2, allocate="adalora", **options)
+    assert "\n" not in str(e.value) and not lowrank.adapted_modules(model)

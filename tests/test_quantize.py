@@ -154,6 +154,19 @@ def test_merge_into_a_quantized_base_is_refused_or_dequantized():
     assert not quantized_layers(model) and not lowrank.adapted_modules(model)
 
 
+def test_what_would_write_into_a_quantized_base_is_refused_in_one_line():
+    model = tiny_llama()
+    quantize(model, "int8")
+    with pytest.raises(ValueError, match=r"cannot initialise \(init=pissa\) from the weight of a int8-quantized") as e:
+        lowrank.adapt(model, "lora", rank=2, targets=["q"], init="pissa")
+    assert "\n" not in str(e.value) and not lowrank.adapted_modules(model)
+    lowrank.adapt(model, "dora", rank=2, targets=["q"])
+    layer = next(iter(lowrank.adapted_modules(model).values()))
+    with pytest.raises(ValueError, match="cannot merge into a int8-quantized base"):
+        layer.merge()
+    assert not layer.merged
+
+
 def test_cost_model_counts_the_4bit_base():
     from lowrank.runner import costs
 
@@ -178,6 +191,8 @@ def test_config_rejects_an_unknown_method_and_full_fine_tuning():
         validate(composed("model.quantize=nf3"), check_data=False)
     with pytest.raises(ConfigError, match="adapter=full trains every weight"):
         validate(composed("model.quantize=nf4", "adapter=full"), check_data=False)
+    with pytest.raises(ConfigError, match="adapter.init=pissa writes the residual"):
+        validate(composed("model.quantize=nf4", "adapter.init=pissa"), check_data=False)
     assert validate(composed("model.quantize=nf4", "adapter=dora"), check_data=False).model.quantize == "nf4"
 
 

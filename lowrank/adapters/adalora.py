@@ -169,6 +169,10 @@ def build_dora(target, rank: int, alpha: float | None, options: dict) -> DoRA:
         return dora_module.build(target, rank, alpha, options)
     if allocate != "adalora":
         raise ValueError(f"allocate={allocate!r} is not an allocation; use allocate=adalora or leave it unset")
+    for option, plain in (("init", "default"), ("rslora", False)):
+        if options.get(option) not in (None, plain):
+            raise ValueError(f"{option}={options[option]!r} does not apply to DoRA with allocate=adalora (AdaLoRA's "
+                             f"P Λ Q update, scale α/(r + 1e-5)); drop it")
     allocation_options(options)
     no_slices("dora", target)
     init = initial_rank(rank, options.get("init_r"))

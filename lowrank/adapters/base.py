@@ -55,7 +55,6 @@ def refuse_quantized(base: nn.Module, what: str) -> None:
     if is_quantized(base):
         raise ValueError(f"cannot {what} a {base.method}-quantized base layer in place; fix: merge_adapters(model, "
                          f"dequantize=True) replaces each quantized base by its dequantized float weight first")
-# ---- end of quantized bases ---------------------------------------------------------------------------
 
 
 def features(base: nn.Module, kind: str) -> tuple[int, int]:

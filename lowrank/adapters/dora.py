@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import apply_matrix, check_rank_fits, no_slices, per_channel, to_native
+from lowrank.adapters.base import apply_matrix, check_rank_fits, no_slices, per_channel, refuse_quantized, to_native
 from lowrank.adapters.lora import LoRA
 
 NORMS = ("detached", "exact")
@@ -160,6 +160,7 @@ class DoRA(LoRA):
     def merge(self) -> None:
         if self.merged:
             return
+        refuse_quantized(self.base, "merge into")
         w0 = self.base_matrix().float()
         directional = w0 + super()._update_matrix()
         scale = self.magnitude / directional.norm(dim=1)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.adapters.base import AdaptedLayer, apply_matrix, check_rank_fits, conv_input, to_native
+from lowrank.adapters.base import (AdaptedLayer, apply_matrix, check_rank_fits, conv_input, refuse_quantized,
+                                   to_native)
 
 
 CONV_FORMS = ("peft", "loralib")
@@ -256,6 +257,7 @@ def init_from_weight(layer: LoRA, init: str) -> None:
     layer.register_buffer("lora_B0", None)
     if init == "default":
         return
+    refuse_quantized(layer.base, f"initialise (init={init}) from the weight of")  # the residual needs a float base
     if layer.kind not in ("linear", "conv1d"):
         raise ValueError(f"init={init!r} needs a Linear or Conv1D base, not a {type(layer.base).__name__}; "
                          f"use init=default there")

@@ -208,6 +208,9 @@ def _check_quantize(typed) -> None:
     if method != "none" and typed.adapter.name == "full":
         raise ConfigError(f"model.quantize={method} freezes the base in {method}, but adapter=full trains every "
                           f"weight; fix: model.quantize=none, or an adapter (adapter=lora)")
+    if method != "none" and typed.adapter.get("init") not in (None, "default"):
+        raise ConfigError(f"adapter.init={typed.adapter.init} writes the residual W − s·B0A0 into the base, which "
+                          f"model.quantize={method} stores quantized; fix: model.quantize=none, or adapter.init=null")
     if method != "none" and typed.model.get("arch"):
         raise ConfigError(f"model.quantize={method} applies to transformers' Linear layers, not to the image "
                           f"backbone model.arch={typed.model.arch}; fix: model.quantize=none")
@@ -288,8 +291,9 @@ def _check_adapter(cfg) -> None:
         if init not in INITS:
             raise ConfigError(f"adapter.init={init!r} is not one of {', '.join(INITS)}; fix: e.g. adapter.init=pissa")
     ratio = cfg.trainer.get("lora_plus_ratio")
-    if ratio is not None and (ratio <= 0 or name not in ("lora", "dora")):
-        raise ConfigError(f"trainer.lora_plus_ratio={ratio} needs adapter=lora or dora and a positive ratio (lora_B's "
+    if ratio is not None and (ratio <= 0 or name not in ("lora", "dora")
+                              or cfg.adapter.options.get("allocate") not in (None, "none")):
+        raise ConfigError(f"trainer.lora_plus_ratio={ratio} needs adapter=lora or dora (without allocate) and a positive ratio (lora_B's "
                           f"lr = ratio × lr); fix: e.g. trainer.lora_plus_ratio=16, or remove it")
 
 

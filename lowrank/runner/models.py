@@ -226,4 +226,3 @@ def quantized(model: nn.Module, model_cfg, device: torch.device | str | None = N
              "dequantized weight", model_cfg.name, summary["layers"], method, summary["bytes"] / 2**20)
     model.lowrank_quantization = summary
     return summary
-# ---- end of quantized bases ---------------------------------------------------------------------------
