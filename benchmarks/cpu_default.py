@@ -4,6 +4,8 @@ its wall time on this CPU and its SST-2 dev accuracy. The target: under 5 minute
     python -m benchmarks.cpu_default                 # one run; prints a table, writes the JSON below
     python -m benchmarks.cpu_default --repeat 2      # several runs (fresh run dirs)
     python -m benchmarks.cpu_default -- logger=none  # extra overrides after --
+    python -m benchmarks.cpu_default --against ../old-checkout -- logger=none   # the same runs from another
+                                                     # checkout, alternating with this one's, in one call
 
 Writes benchmarks/results/cpu_default.json. The load average before and after is recorded: other processes
 on the same cores slow a CPU run down a lot (PyTorch's threads spin-wait), so read times with it.
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +31,7 @@ OUT = REPO / "benchmarks" / "results" / "cpu_default.json"
 BUDGET_S, TARGET_ACCURACY = 300.0, 0.80
 
 
-def one_run(extra: list[str]) -> dict:
+def one_run(extra: list[str], repo: Path = REPO) -> dict:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("LOWRANK_DATA_DIR", str((REPO.parent / "shared" / "data").resolve()))
@@ -36,7 +39,7 @@ def one_run(extra: list[str]) -> dict:
         run_dir = Path(tmp) / "run"
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *extra], cwd=REPO, env=env,
+        proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={run_dir}", *extra], cwd=repo, env=env,
                               capture_output=True, text=True)
         wall = time.perf_counter() - started
         if proc.returncode != 0:
@@ -63,14 +66,19 @@ def one_run(extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--against", type=Path, default=None,
+                        help="another checkout (e.g. a git worktree of main) run the same way, alternating")
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides (after --)")
     args = parser.parse_args()
     import torch
 
-    runs = []
+    runs, other = [], []
     for i in range(args.repeat):
         print(f"run {i + 1}/{args.repeat}: python run.py {' '.join(args.overrides)}", flush=True)
         runs.append(one_run(args.overrides))
+        if args.against is not None:
+            print(f"run {i + 1}/{args.repeat} of {args.against.name}", flush=True)
+            other.append(one_run(args.overrides, args.against.resolve()))
     rows = [("run", "wall time (s)", "train (s)", "dev acc (final)", "dev acc (best)", "load avg before/after")]
     for i, r in enumerate(runs, 1):
         rows.append((str(i), f"{r['wall_time_s']:.1f}", f"{r['train_time_s']:.1f}", f"{r['final_accuracy']:.4f}",
@@ -84,14 +92,27 @@ def main() -> None:
     lowest = min(r["final_accuracy"] for r in runs)
     verdict = {"under_5_min": worst < BUDGET_S, "accuracy_at_least_80": lowest >= TARGET_ACCURACY}
     print(f"\ntarget: < {BUDGET_S:.0f} s and >= {TARGET_ACCURACY:.0%} dev accuracy -> {verdict}")
+    against = None
+    if other:
+        ratio = statistics.median(r["wall_time_s"] for r in runs) / statistics.median(r["wall_time_s"] for r in other)
+        against = {"commit": _commit(args.against), "runs": other, "wall_time_ratio": round(ratio, 3)}
+        walls = ", ".join(str(r["wall_time_s"]) for r in other)
+        accuracies = ", ".join(f"{r['final_accuracy']:.4f}" for r in other)
+        print(f"against {against['commit']}: wall {walls} s, dev acc {accuracies}; this checkout / that one = "
+              f"{ratio:.3f}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "command": "python run.py " + " ".join(args.overrides),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "platform": platform.platform()},
-        "runs": runs, "verdict": verdict,
+        "commit": _commit(REPO), "runs": runs, "verdict": verdict, "against": against,
     }, indent=2) + "\n")
     print(f"wrote {OUT.relative_to(REPO)}")
+
+
+def _commit(repo: Path) -> str | None:
+    proc = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
 
 
 if __name__ == "__main__":
