@@ -1,4 +1,4 @@
-"""``python run.py`` end to end against HF Trainer + PEFT on the same job, in one session on one GPU.
+"""``python run.py`` end to end against HF Trainer + PEFT on the same job, in one call on one GPU.
 
 Each case runs ``run.py`` as a user would (a fresh process; ``logger=none``) and ``benchmarks/hf_trainer.py``
 (the same model, data, batch, steps, evaluation and seed through HF ``Trainer`` + PEFT), and records for

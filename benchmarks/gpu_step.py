@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-check", action="store_true", help="skip the agreement checks")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier when other processes share the cores)")
     p.add_argument("--interleave", action="store_true",
                    help="time a setting's variants in rotation, step by step (for a shared CPU)")
     p.add_argument("--profile", nargs="*", default=None, help="variants to profile (torch.profiler)")

@@ -1,4 +1,4 @@
-"""``python run.py`` against the fastest peers on one job, in one session on one GPU.
+"""``python run.py`` against the fastest peers on one job, in one call on one GPU.
 
 The job is ``benchmarks/gpu_runner.py``'s LLaMA-style case (random init, bf16, MiniLM's tokenizer, E2E, batch
 4 × ``--seq`` tokens, every batch padded to that width, r = 8, α = 16, ``--steps`` steps, lr 2e-4) on the 1.1 B
