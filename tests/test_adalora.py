@@ -305,3 +305,14 @@ def test_dora_with_allocation_refuses_options_it_would_drop(options, needle):
     with pytest.raises(ValueError, match=needle) as e:
         lowrank.adapt(model, "dora", targets=["q"], rank=2, allocate="adalora", **options)
     assert "\n" not in str(e.value) and not lowrank.adapted_modules(model)
+
+
+def test_adapter_allocate_is_doras_option_and_refused_elsewhere():
+    from test_config import composed
+
+    from lowrank.runner.config import ConfigError, validate
+
+    cfg = validate(composed("adapter=dora", "adapter.allocate=adalora"), check_data=False)
+    assert cfg.adapter.options.allocate == "adalora"
+    with pytest.raises(ConfigError, match="adapter.allocate='adalora' is an option of dora, not of lora"):
+        validate(composed("adapter=lora", "+adapter.allocate=adalora"), check_data=False)

@@ -117,7 +117,7 @@ class AdaLoRA(LoRA):
 
 
 class AdaDoRA(DoRA, AdaLoRA):
-    """DoRA whose directional update is AdaLoRA's P Λ Q (``adapter=dora adapter.options.allocate=adalora``): DoRA's
+    """DoRA whose directional update is AdaLoRA's P Λ Q (``adapter=dora adapter.allocate=adalora``): DoRA's
     forward, norm and merge (``DoRA`` first in the MRO) read ``lora_A``/``lora_B`` from AdaLoRA's triplet."""
 
     adapter_name = "dora"

@@ -282,6 +282,10 @@ def _check_adapter(cfg) -> None:
         raise ConfigError(f"layers={OmegaConf.to_container(cfg.layers)} repeats a layer; fix: name each layer once")
     if spec.wraps and not cfg.targets:
         raise ConfigError("targets=[] adapts nothing; fix: e.g. targets=[q,v]")
+    allocate = cfg.adapter.get("allocate")
+    if allocate is not None and cfg.adapter.options.get("allocate") != allocate:
+        raise ConfigError(f"adapter.allocate={allocate!r} is an option of dora, not of {name}; fix: remove it, or "
+                          f"adapter=dora adapter.allocate={allocate}")
     init = cfg.adapter.get("init")
     if init is not None and cfg.adapter.options.get("init") != init:
         raise ConfigError(f"adapter.init={init!r} is an option of lora and dora, not of {name}; fix: remove it")

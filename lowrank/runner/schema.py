@@ -92,6 +92,7 @@ class AdapterConfig:
     name: str = MISSING
     source: str = ""
     init: Optional[str] = None   # LoRA/DoRA: default|pissa|milora|olora, read as options.init (conf/adapter/lora.yaml)
+    allocate: Optional[str] = None   # DoRA: adalora (this project's adaptive DoRA), read as options.allocate
     options: Dict[str, Any] = field(default_factory=dict)
 
 
