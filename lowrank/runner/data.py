@@ -207,16 +207,25 @@ def read_local(task, data_dir) -> "datasets.DatasetDict":
     return DatasetDict({split: Dataset.from_dict(columns) for split, columns in local_columns(task, data_dir).items()})
 
 
-def read_hub(task) -> "datasets.DatasetDict":
-    """The task's hub source, renamed to the local columns (needs internet or the datasets cache)."""
-    from datasets import DatasetDict, load_dataset
+def load_hub(task, fix: str):
+    """The task's hub dataset (``task.hub.path``, ``.name``; needs internet or the datasets cache); a failure is
+    one line ending in ``fix``."""
+    from datasets import load_dataset
 
     hub = task.hub
     try:
-        raw = load_dataset(hub.path, hub.name) if hub.name else load_dataset(hub.path)
+        return load_dataset(hub.path, hub.name) if hub.name else load_dataset(hub.path)
     except Exception as e:  # noqa: BLE001 - any failure becomes one line
         raise ConfigError(f"could not load task {task.name!r} from the hub ({hub.path}: {first_line(e)}); fix: "
-                          f"set LOWRANK_DATA_DIR (or paths.data_dir=...) to a folder with the local files") from None
+                          f"{fix}") from None
+
+
+def read_hub(task) -> "datasets.DatasetDict":
+    """The task's hub source, renamed to the local columns (needs internet or the datasets cache)."""
+    from datasets import DatasetDict
+
+    hub = task.hub
+    raw = load_hub(task, "set LOWRANK_DATA_DIR (or paths.data_dir=...) to a folder with the local files")
     out = {}
     for split, hub_split in (("train", hub.train), ("eval", hub.eval)):
         ds = raw[hub_split]

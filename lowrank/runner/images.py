@@ -211,14 +211,10 @@ def _folder(task, data_dir, size: int, converted: _Converted) -> dict[str, dict[
 
 
 def _hub(task, size: int, converted: _Converted) -> dict[str, dict[str, list]]:
-    from datasets import load_dataset
+    from lowrank.runner.data import load_hub
 
     hub = task.hub
-    try:
-        raw = load_dataset(hub.path, hub.name) if hub.name else load_dataset(hub.path)
-    except Exception as e:  # noqa: BLE001 - any failure becomes one line
-        raise ConfigError(f"could not load image task {task.name!r} from the hub ({hub.path}: {first_line(e)}); fix: "
-                          f"use an image folder (task.image.source=folder) offline") from None
+    raw = load_hub(task, "use an image folder (task.image.source=folder) offline")
     out = {}
     for split, hub_split in (("train", hub.train), ("eval", hub.eval)):
         ds = raw[hub_split]
