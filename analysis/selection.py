@@ -112,11 +112,17 @@ def delta_runs(infos, adapter: str | None = None):
     return _runs_of(infos, adapter, "delta")
 
 
-def with_delta(infos):
-    """Every run whose adapter has a weight update ΔW (registry ``has_delta``); a one-line refusal when none has."""
+def with_delta(infos, seed=None):
+    """Every run whose adapter has a weight update ΔW (registry ``has_delta``), of ``seed`` when given; a one-line
+    refusal when none has."""
     runs = [i for i in infos if _has(adapter_spec(i.adapter), "delta")]
     if not runs:
         raise UsageError(refusal(sorted({i.adapter for i in infos}), "delta"))
+    if seed is not None:
+        seeds = sorted({i.seed for i in runs}, key=str)
+        runs = [i for i in runs if i.seed == seed]
+        if not runs:
+            raise UsageError(f"no run with a weight update at --seed {seed}; seeds present: {seeds}")
     return runs
 
 

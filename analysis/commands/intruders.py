@@ -106,11 +106,7 @@ def intruders(args) -> Produced:
     from analysis.names import parse_module_name
 
     infos = load(args)
-    runs = with_delta(infos)
-    if args.seed is not None:
-        runs = [i for i in runs if i.seed == args.seed]
-        if not runs:
-            raise UsageError(f"no run with a weight update at --seed {args.seed}")
+    runs = with_delta(infos, args.seed)
     rows, curves, dirs, evaluation = [], {}, {}, {}
     for info in tqdm(runs, desc="intruders", disable=not progress(args)):
         label = method_label(info)

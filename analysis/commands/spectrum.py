@@ -57,12 +57,7 @@ def spectrum(args) -> Produced:
     from analysis.spectrum import effective_rank, energy_top, singular_values, spectrum_figure, stable_rank
 
     infos = load(args)
-    runs = with_delta(infos)
-    if args.seed is not None:
-        runs = [i for i in runs if i.seed == args.seed]
-        if not runs:
-            raise UsageError(f"no run with a weight update at --seed {args.seed}; seeds present: "
-                             f"{sorted({i.seed for i in with_delta(infos)}, key=str)}")
+    runs = with_delta(infos, args.seed)
     rows, spectra, dirs, noted = [], {}, {}, False
     labels = [run_label(i) for i in runs]
     for info, label in zip(runs, labels):
