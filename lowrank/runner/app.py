@@ -172,13 +172,20 @@ def quiet_libraries() -> None:
 
 # ---- one run ----------------------------------------------------------------------------------------------
 
-def check(cfg: DictConfig) -> DictConfig:
+def check(cfg: DictConfig, seen: set[str] | None = None) -> DictConfig:
     """The whole configuration check of one job: ``validate`` (values, names, files), then
-    ``check_targets`` (targets, rank, alpha and options on the model's skeleton); the typed config."""
+    ``check_targets`` (targets, rank, alpha and options on the model's skeleton); the typed config.
+    ``seen``: keys of the model/adapter combinations already checked on a skeleton (a sweep's preflight
+    checks each once); updated in place."""
     from lowrank.runner import models
 
     cfg = validate(cfg)
-    check_targets(cfg, models.load_config(cfg.model, cfg.task))
+    key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(
+        cfg, ["model", "task", "adapter", "targets", "layers", "rank", "alpha"]), resolve=True), sort_keys=True)
+    if seen is None or key not in seen:
+        check_targets(cfg, models.load_config(cfg.model, cfg.task))
+        if seen is not None:
+            seen.add(key)
     return cfg
 
 

@@ -16,7 +16,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from lowrank.runner import app
-from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, validate, writable
+from lowrank.runner.config import CONF_DIR, GROUPS, ConfigError, choices, first_line, writable
 
 _failures: list[str] = []
 _preflighted = False  # True once preflight has checked every job of this process's command line
@@ -204,11 +204,7 @@ def preflight(argv: list[str]) -> int:
     global _preflighted
     if any(a.split("=")[0] in _NO_PREFLIGHT for a in argv):
         return 0
-    import json
-
     from hydra import initialize_config_dir
-
-    from lowrank.runner import models
 
     jobs = jobs_of(argv)
     targets_checked: set[str] = set()
@@ -222,12 +218,7 @@ def preflight(argv: list[str]) -> int:
             except Exception as e:  # noqa: BLE001
                 raise _composition_error(e) from None
             cfg.paths.output_dir = "<preflight>"  # Hydra resolves it inside the app only
-            cfg = validate(cfg)
-            key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(
-                cfg, ["model", "task", "adapter", "targets", "layers", "rank", "alpha"]), resolve=True), sort_keys=True)
-            if key not in targets_checked:
-                app.check_targets(cfg, models.load_config(cfg.model, cfg.task))
-                targets_checked.add(key)
+            app.check(cfg, seen=targets_checked)
     _preflighted = True
     return len(jobs)
 

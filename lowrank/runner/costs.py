@@ -311,7 +311,7 @@ def measure(model: nn.Module, *, batch: int, seq: int, kind: str, device: torch.
     return {"rss_growth_mb": round((rss()[1] - start) / MB, 1)}
 
 
-# ---- predicted vs measured on a model of a benchmark preset's shape -----------------------------------------
+# ---- predicted vs measured on a real model ---------------------------------------------------------------
 
 def compare(model_factory, adapters: list[str], *, batch: int, seq: int, kind: str, device: str, autocast: bool,
             adapt_options: dict | None = None, steps: int = 2) -> list[dict]:
@@ -361,7 +361,6 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--preset", default="minilm", choices=["minilm"])
     p.add_argument("--adapters", default="lora,full")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)

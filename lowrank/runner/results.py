@@ -266,15 +266,29 @@ def _override_key(override: str) -> tuple[str | None, str]:
     return key.lstrip("+"), value
 
 
+_MISSING = object()
+
+
+def _lookup(config: dict, dotted: str):
+    """The value at ``dotted`` in a nested config dict, or ``_MISSING``."""
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _cell(node):
+    """A table cell: a scalar as it is, anything else as JSON."""
+    return node if isinstance(node, (int, float, str, bool)) or node is None else json.dumps(node)
+
+
 def _value_of(run: Run, key: str, raw: str):
     if key in GROUPS:
         return raw
-    node = run.config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return raw
-        node = node[part]
-    return node if isinstance(node, (int, float, str, bool)) or node is None else json.dumps(node)
+    node = _lookup(run.config, key)
+    return raw if node is _MISSING else _cell(node)
 
 
 #: Config values every row holds, swept or not (the analyses select and group on them): column → dotted key
@@ -288,14 +302,12 @@ RESULT_COLUMNS = ("metric", "trainable_params", "total_params", "steps", "train_
 
 
 def _config_value(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
+    node = _lookup(config, dotted)
+    if node is _MISSING:
+        return None
     if isinstance(node, list):  # targets, layers: "q,v" (analysis.tables reads both forms)
         return ",".join(map(str, node))
-    return node if isinstance(node, (int, float, str, bool)) or node is None else json.dumps(node)
+    return _cell(node)
 
 
 def run_row(run: Run, root: Path | None = None) -> dict:
