@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks import gpu_runner, step_variants
+from experiments.portable import portable
 from benchmarks.gpu_runner import llama_folder, llama_hf_args, llama_overrides, ours, sh, theirs
 
 SHAPES = {"llama1b": gpu_runner.LLAMA_1B,
@@ -155,13 +156,19 @@ def summarise(row: dict, tokens: int, n: int, ceiling: float, reference: dict | 
            "mfu": round(4 * n * tokens / step / (ceiling * 1e12), 3) if step else None,
            "peak_gb": round(row["peak_gpu_memory_mb"] / 1024, 2) if row.get("peak_gpu_memory_mb") else None,
            "error": (row.get("error") or "")[-300:] or None}
+    return {**out, **loss_agreement(row, reference)}
+
+
+def loss_agreement(row: dict, reference: dict | None) -> dict:
+    """The largest relative difference of ``row``'s training losses from ``reference``'s at their first three
+    common logged steps (empty when they share none)."""
     mine, theirs_ = (reference or {}).get("train_losses") or {}, row.get("train_losses") or {}
     common = sorted({int(k) for k in mine} & {int(k) for k in theirs_})[:3]
-    if common:
-        diffs = [abs(float(theirs_.get(k, theirs_.get(str(k)))) - float(mine.get(k, mine.get(str(k)))))
-                 / abs(float(mine.get(k, mine.get(str(k))))) for k in common]
-        out["loss_steps"], out["loss_rel_diff"] = common, round(max(diffs), 4)
-    return out
+    if not common:
+        return {}
+    diffs = [abs(float(theirs_.get(k, theirs_.get(str(k)))) - float(mine.get(k, mine.get(str(k)))))
+             / abs(float(mine.get(k, mine.get(str(k))))) for k in common]
+    return {"loss_steps": common, "loss_rel_diff": round(max(diffs), 4)}
 
 
 def table(result: dict) -> str:
@@ -196,8 +203,10 @@ def bars(result: dict) -> list[str]:
             fastest = min(present, key=lambda p: s[p]["step_ms"])
             each = ", ".join(f"{s[ours_]['step_ms'] / s[p]['step_ms']:.2f}× {p}" for p in present)
             lowest = min(s[p]["peak_gb"] for p in present)
+            bound = (f"; no step can be under {s[fastest]['mfu']:.2f}× {fastest}'s, its MFU: 4·N·T at the ceiling"
+                     if s[fastest].get("mfu") else "")
             lines.append(f"- {case} {ours_}: step {s[ours_]['step_ms'] / s[fastest]['step_ms']:.2f}× the fastest peer "
-                         f"({fastest}; {each}); peak {s[ours_]['peak_gb']} GB vs the lowest peer's {lowest} GB")
+                         f"({fastest}; {each}{bound}); peak {s[ours_]['peak_gb']} GB vs the lowest peer's {lowest} GB")
     return lines
 
 
@@ -232,7 +241,8 @@ def main(argv=None) -> int:
     import transformers
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "command": "python -m benchmarks.peers " + " ".join(argv or sys.argv[1:]),
+              "transformers": transformers.__version__,
+              "command": portable("python -m benchmarks.peers " + " ".join(argv or sys.argv[1:])),
               "seq": args.seq, "batch": 4, "steps": args.steps, "ceiling_tflops": round(ceiling_tflops(), 1), "cases": {}}
     for package in ("peft", "bitsandbytes", "liger_kernel", "unsloth"):
         try:
@@ -267,9 +277,7 @@ def main(argv=None) -> int:
                               flush=True)
                         if args.out:
                             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                            Path(args.out).write_text(json.dumps(result, indent=1, default=str))
-                        if os.environ.get("OUT"):
-                            Path(os.environ["OUT"], "peers.json").write_text(json.dumps(result, indent=1, default=str))
+                            Path(args.out).write_text(json.dumps(portable(result), indent=1, default=str))
     print(table(result), "", *bars(result), sep="\n")
     return 0
 

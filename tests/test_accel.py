@@ -55,6 +55,21 @@ def test_linear_cross_entropy_matches_reference(bias, chunk_rows):
         torch.testing.assert_close(a, r)
 
 
+def test_compiled_linear_cross_entropy_matches_reference():
+    """The chunks through inductor (the GPU default) against the float64 formula, chunks of two shapes."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(23, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(31, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 31, (23,), generator=g)
+    labels[::3] = -100
+    ref = F.cross_entropy(F.linear(h, w), labels, ignore_index=-100)
+    (ref_h,) = torch.autograd.grad(ref, [h])
+    got = accel.linear_cross_entropy(h, w, labels, impl="compiled", chunk_rows=10)
+    (got_h,) = torch.autograd.grad(got, [h])
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_h, ref_h)
+
+
 def test_linear_cross_entropy_scales_with_upstream_gradient():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(5, 4, generator=g, requires_grad=True)
@@ -155,7 +170,10 @@ class _Trainer:
 def test_plan_resolves_auto_per_device_and_keeps_the_off_switches():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
     assert accel.plan(_Trainer(), cpu, None) == accel.FastPath("off", False, 0)
-    assert accel.plan(_Trainer(), cuda, None, parameters=10**9) == accel.FastPath("inductor+cudagraphs", True, 1)
+    assert accel.plan(_Trainer(), cuda, None, parameters=10**9) == accel.FastPath("inductor+whole-graph", True, 1)
+    assert accel.plan(_Trainer(), cuda, None, parameters=10**9,
+                      graph_blocker="DDP").compile == "inductor+cudagraphs"  # the compiled blocks, a graph each
+    assert accel.plan(_Trainer(compile="inductor+whole-graph"), cpu, None).compile == "inductor"
     small = accel.plan(_Trainer(), cuda, None, parameters=22_713_986)  # launch-bound: one graph per step shape
     assert small == accel.FastPath("whole-graph", True, 4)  # 64 tokens: widths 16, 32, 48, 64
     assert accel.plan(_Trainer(), cuda, None, parameters=22_713_986,
@@ -182,7 +200,15 @@ def test_causal_lm_loss_needs_no_padding_mask(fused):
     seqs = [torch.randint(1, 97, (n,), generator=gen).tolist() for n in (5, 12, 9)]
     batch = collate({"input_ids": seqs, "labels": seqs}, 0, "generation")
     assert (batch["attention_mask"] == 0).any()  # padded
+    masks = []
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+        for layer in model.model.layers]
     got = batch_loss(model, model, batch, "generation", fused=fused)
+    for hook in hooks:
+        hook.remove()
+    assert masks == [None] * len(hooks)  # SDPA's causal kernel, no mask tensor (accel.causal_sdpa)
+    assert model.config._attn_implementation == "sdpa"  # put back
     nll, tokens = 0.0, 0
     for s in seqs:
         ids = torch.tensor([s])

@@ -82,3 +82,15 @@ def test_interleaved_cpu_timing(tmp_path):
     assert [r["variant"] for r in rows] == ["peft:lora:plain", "ours:lora:plain", "peft:dora:plain",
                                             "ours:dora:plain"]
     assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["agreement"]["ok"] for r in rows)
+
+
+def test_step_breakdown_fused_projections_equal_the_model(tmp_path):
+    """benchmarks/step_breakdown.py's fused q,k,v / gate,up experiment computes the model's own loss (CPU, float32)."""
+    from benchmarks import step_breakdown
+
+    out = tmp_path / "breakdown.json"
+    step_breakdown.main(["--preset", "tiny-llama", "--device", "cpu", "--variants", "eager", "eager+fused-proj",
+                         "--steps", "1", "--seq", "16", "--out", str(out)])
+    plain, fused = json.loads(out.read_text())["rows"]
+    assert fused["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-6)
+    assert plain["step_ms"] > 0 and fused["step_ms"] > 0

@@ -14,9 +14,11 @@ times). Three independent options attack it; ``benchmarks/gpu_step.py`` measures
   onto this instance only (no class or module global stays replaced outside its forward).
 - ``causal_lm_loss(model, input_ids, labels)`` / ``linear_cross_entropy``: the LM head and the
   cross-entropy fused and chunked over tokens, so the logits never exist whole; the gradient with
-  respect to the hidden states is computed during the forward, chunk by chunk (Liger's kernel where it
-  is installed and on a GPU, a plain PyTorch implementation otherwise). Equal to transformers'
+  respect to the hidden states is computed during the forward, chunk by chunk (each chunk through
+  inductor on a GPU, eager PyTorch otherwise; Liger's kernel on request). Equal to transformers'
   ``ForCausalLMLoss`` (mean over non-ignored shifted labels).
+- ``causal_sdpa(model)``: a causal LM's SDPA attention with ``is_causal=True`` and no mask tensor, also
+  under compilation and inside a CUDA-graph capture.
 
 None of these touch the adapter layers; they apply to PEFT models too (a ``PeftModel`` is unwrapped),
 which is how the benchmark gives both sides the same base speed-ups.
@@ -25,7 +27,9 @@ which is how the benchmark gives both sides the same base speed-ups.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 import logging
 import types
 from dataclasses import dataclass
@@ -47,6 +51,10 @@ __all__ = [
     "liger_available",
     "linear_cross_entropy",
     "causal_lm_loss",
+    "causal_sdpa",
+    "packed_attention",
+    "packed_inputs",
+    "packing_blocker",
     "unwrap",
 ]
 
@@ -120,13 +128,19 @@ def eager(model: nn.Module):
 @dataclass(frozen=True)
 class FastPath:
     """What the trainer does for speed, resolved from the config for one device (``plan``)."""
-    compile: str = "off"       # off | inductor | inductor+cudagraphs | cudagraphs | whole-graph (see plan)
+    compile: str = "off"       # off | inductor | inductor+cudagraphs | inductor+whole-graph | cudagraphs | whole-graph
     fused_loss: bool = False   # causal LMs: LM head + cross-entropy fused and chunked
     buckets: int = 0           # pad batches to one of this many fixed widths (0: to the longest sequence)
+    packed: bool = False       # causal LMs: each micro-batch one packed row (trainer.packing, data.pack)
 
     def describe(self) -> str:
-        return f"compile={self.compile} fused_loss={self.fused_loss} length_buckets={self.buckets}"
+        packed = " packed=True" if self.packed else ""
+        return f"compile={self.compile} fused_loss={self.fused_loss} length_buckets={self.buckets}{packed}"
 
+
+#: compile modes in which the training loop captures each micro-batch's forward and backward as one CUDA graph
+#: (``lowrank.runner.graphs``)
+WHOLE_GRAPH = ("whole-graph", "inductor+whole-graph")
 
 #: What ``lowrank.runner.loss.can_fuse`` says of a classification task: no reason to warn, the fused loss never
 #: applies there
@@ -140,34 +154,41 @@ SMALL_MODEL = 100_000_000
 
 
 def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 0,
-         graph_blocker: str | None = None) -> FastPath:
+         graph_blocker: str | None = None, packed_width: int = 0) -> FastPath:
     """Resolve ``trainer.compile``/``fused_loss``/``length_buckets`` for ``device``.
 
     ``compile``: ``inductor`` (regional ``torch.compile`` of the blocks), ``inductor+cudagraphs`` (the same,
-    replayed as CUDA graphs: ``mode="reduce-overhead"``), ``cudagraphs`` (the blocks captured as CUDA graphs
-    through ``torch.compile(backend="cudagraphs")``, no code generation), ``whole-graph`` (the whole forward
-    and backward of a micro-batch captured as one CUDA graph per batch shape, ``lowrank.runner.graphs``: no
+    each block's forward and backward replayed as CUDA graphs: ``mode="reduce-overhead"``),
+    ``inductor+whole-graph`` (the compiled blocks, and the whole forward and backward of a micro-batch around
+    them captured as one CUDA graph per batch shape, ``lowrank.runner.graphs``), ``cudagraphs`` (the blocks
+    captured as CUDA graphs through ``torch.compile(backend="cudagraphs")``, no code generation),
+    ``whole-graph`` (the eager forward and backward of a micro-batch as one CUDA graph per batch shape: no
     tracing, no code generation, milliseconds to capture), ``off``. ``auto``: on CUDA, ``whole-graph`` for
-    models under ``SMALL_MODEL`` ``parameters`` (``cudagraphs`` where ``graph_blocker`` says why the whole
-    step cannot be one graph) and ``inductor+cudagraphs`` for larger ones; ``off`` on the CPU (compiling
-    costs more than it saves in the CPU's short runs). ``fused_loss`` ``auto``: on for causal LMs on CUDA.
-    ``length_buckets`` ``null``: ``whole-graph`` one graph per 16 tokens of ``max_seq_len`` (at most 8: a
-    capture is cheap, padding is not); other CUDA-graph modes 1 (every batch padded to ``max_seq_len``) up
-    to 128 tokens, else 3 (each bucket is a compilation); without graphs 0 (pad to the longest sequence).
-    ``fuse_blocker`` says why the fused loss cannot apply (None: it can).
+    models under ``SMALL_MODEL`` ``parameters`` and ``inductor+whole-graph`` for larger ones (where
+    ``graph_blocker`` says why the whole step cannot be one graph: ``cudagraphs`` and ``inductor+cudagraphs``);
+    ``off`` on the CPU (compiling costs more than it saves in the CPU's short runs). A whole-step graph
+    launches the step's kernels at once: with the blocks replayed one graph each, the host spends about
+    as long issuing a 1.1B model's step as the GPU spends running it (benchmarks/README.md).
+    ``fused_loss`` ``auto``: on for causal LMs on CUDA. ``length_buckets`` ``null``: ``whole-graph`` one
+    graph per 16 tokens of ``max_seq_len`` (at most 8: a capture is cheap, padding is not); other CUDA-graph
+    modes 1 (every batch padded to ``max_seq_len``) up to 128 tokens, else 3 (each bucket is a
+    compilation); without graphs 0 (pad to the longest sequence); packed rows (``packed_width``: the longest
+    packed row, rows × ``max_seq_len``) under CUDA graphs one width per 256 tokens. ``fuse_blocker`` says why
+    the fused loss cannot apply (None: it can).
     """
     cuda = device.type == "cuda"
     mode = cfg.compile if cfg.compile != "auto" else (
-        "off" if not cuda else "inductor+cudagraphs" if parameters >= SMALL_MODEL else "whole-graph")
+        "off" if not cuda else "inductor+whole-graph" if parameters >= SMALL_MODEL else "whole-graph")
     if "graph" in mode and not cuda:
-        fallback = "inductor" if mode != "whole-graph" else "off"
+        fallback = "off" if mode == "whole-graph" else "inductor"
         log.warning("trainer.compile=%s needs CUDA; using %s", mode, fallback)
         mode = fallback
-    if mode == "whole-graph" and graph_blocker is not None:
-        if cfg.compile == "whole-graph":
-            log.warning("trainer.compile=whole-graph does not apply: %s; capturing the blocks instead "
-                        "(cudagraphs)", graph_blocker)
-        mode = "cudagraphs"
+    if mode in WHOLE_GRAPH and graph_blocker is not None:
+        blocks = "cudagraphs" if mode == "whole-graph" else "inductor+cudagraphs"
+        if cfg.compile == mode:
+            log.warning("trainer.compile=%s does not apply: %s; capturing the blocks instead (%s)",
+                        mode, graph_blocker, blocks)
+        mode = blocks
     fused = cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and cuda)
     if fused and fuse_blocker is not None:
         if cfg.fused_loss == "on" and fuse_blocker != NOT_CAUSAL_LM:
@@ -175,11 +196,13 @@ def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 
         fused = False
     buckets = cfg.length_buckets
     if buckets is None:
-        if mode == "whole-graph":
+        if packed_width:
+            buckets = 0 if "graph" not in mode else max(1, -(-packed_width // 256))
+        elif mode == "whole-graph":
             buckets = min(8, max(1, cfg.max_seq_len // 16))
         else:
-            buckets = 0 if "cudagraphs" not in mode else 1 if cfg.max_seq_len <= 128 else 3
-    return FastPath(compile=mode, fused_loss=fused, buckets=int(buckets))
+            buckets = 0 if "graph" not in mode else 1 if cfg.max_seq_len <= 128 else 3
+    return FastPath(compile=mode, fused_loss=fused, buckets=int(buckets), packed=bool(packed_width))
 
 
 def prepare(model: nn.Module, path: FastPath) -> nn.Module:
@@ -191,7 +214,7 @@ def prepare(model: nn.Module, path: FastPath) -> nn.Module:
             p.data = p.data.float()
     if path.compile == "cudagraphs":
         compile(model, backend="cudagraphs", dynamic=None)
-    elif path.compile in ("inductor", "inductor+cudagraphs"):
+    elif path.compile in ("inductor", "inductor+cudagraphs", "inductor+whole-graph"):
         compile(model, mode="reduce-overhead" if path.compile == "inductor+cudagraphs" else None, dynamic=None)
     return model
 
@@ -270,15 +293,49 @@ def liger(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope:
 # ---------------------------------------------------------------------------------------------------
 # fused linear + cross-entropy
 
+def _chunk(h, weight, bias, lab, valid, n, need_h: bool, need_w: bool, need_b: bool):
+    """One chunk of rows of the fused cross-entropy: the chunk's summed loss and its gradients with respect to
+    ``h``, ``weight`` and ``bias`` (None where not needed), from the chunk's softmax."""
+    acc = n.dtype
+    logits = F.linear(h, weight, bias).to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    safe = torch.where(valid, lab, torch.zeros_like(lab))
+    target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+    total = torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
+    if not (need_h or need_w or need_b):
+        return total, None, None, None
+    grad = torch.exp(logits - lse[:, None])  # softmax
+    grad = grad.scatter_add(1, safe[:, None], -valid.to(grad.dtype)[:, None])
+    grad = grad * (valid.to(grad.dtype) / n)[:, None]
+    g = grad.to(h.dtype)
+    return (total, g @ weight.to(h.dtype) if need_h else None, g.t().to(acc) @ h.to(acc) if need_w else None,
+            grad.sum(0) if need_b else None)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(compiled: bool):
+    """``_chunk``, or ``_chunk`` through inductor (one fused kernel for the upcast, log-sum-exp, softmax and
+    its scaling around the two matrix products; compiled once per chunk shape)."""
+    global _compiled_chunk
+    if not compiled:
+        return _chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk, dynamic=False)
+    return _compiled_chunk
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """mean CE(hidden @ weightᵀ + bias, labels) over non-ignored rows, chunked over rows.
 
     The gradients are computed in the forward (the chunk's softmax is at hand there) and saved; the
-    backward only scales them, so no chunk of logits outlives its iteration.
+    backward only scales them, so no chunk of logits outlives its iteration. No host synchronisation: the
+    whole loss can sit inside a CUDA graph.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk_rows, compiled):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 for bf16/fp16, float64 stays
@@ -288,26 +345,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        chunk = _chunk_fn(compiled)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            lab = labels[start:start + chunk_rows]
-            valid = valid_all[start:start + chunk_rows]
-            logits = F.linear(h, weight, bias).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe = torch.where(valid, lab, torch.zeros_like(lab))
-            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
-            total = total + torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
-            if need_h or need_w or need_b:
-                grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-                grad.scatter_add_(1, safe[:, None], -valid.to(grad.dtype)[:, None])
-                grad.mul_((valid.to(grad.dtype) / n)[:, None])
-                if need_b:
-                    grad_b += grad.sum(0)
-                g = grad.to(hidden.dtype)
-                if need_h:
-                    grad_h[start:start + chunk_rows] = g @ weight.to(hidden.dtype)
-                if need_w:
-                    grad_w += g.t().to(acc) @ h.to(acc)
+            rows = slice(start, start + chunk_rows)
+            part, gh, gw, gb = chunk(hidden[rows], weight, bias, labels[rows], valid_all[rows], n,
+                                     need_h, need_w, need_b)
+            total = total + part
+            if need_h:
+                grad_h[rows] = gh
+            if need_w:
+                grad_w += gw
+            if need_b:
+                grad_b += gb
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (grad_h, grad_w, grad_b)))
         ctx.has = (need_h, need_w, need_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -320,7 +369,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for has, g, dtype in zip(ctx.has, saved, ctx.dtypes):
             out.append((g * grad_out.to(g.dtype)).to(dtype) if has else None)
         grad_h, grad_w, grad_b = out
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -329,25 +378,161 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ignore_index=...)`` (mean over
     non-ignored rows) without materialising the (rows × vocabulary) logits.
 
-    ``hidden`` (..., H), ``weight`` (V, H), ``labels`` (...). ``impl``: ``"liger"`` (Liger's fused
-    kernel, GPU), ``"torch"`` (chunked PyTorch, any device) or ``"auto"`` (Liger where available).
-    ``chunk_rows`` (torch impl) defaults to about H·rows/V rows, i.e. a logits chunk the size of ``hidden``.
+    ``hidden`` (..., H), ``weight`` (V, H), ``labels`` (...). ``impl``: ``"compiled"`` (chunks of rows through
+    inductor, GPU), ``"torch"`` (the same chunks in eager PyTorch, any device), ``"liger"`` (Liger's fused
+    kernel, GPU; it reads the count of labels back to the host, so it cannot sit inside a CUDA graph) or
+    ``"auto"`` (``compiled`` on a GPU, ``torch`` otherwise). ``chunk_rows`` (``torch``, ``compiled``)
+    defaults to about H·rows/V rows (a logits chunk the size of ``hidden``) rounded up to a multiple of 256.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1)
     if h.shape[0] != lab.shape[0]:
         raise ValueError(f"hidden has {h.shape[0]} rows but labels has {lab.shape[0]}")
-    if impl not in ("auto", "liger", "torch"):
-        raise ValueError(f"impl={impl!r}: use 'auto', 'liger' or 'torch'")
+    if impl not in ("auto", "compiled", "torch", "liger"):
+        raise ValueError(f"impl={impl!r}: use 'auto', 'compiled', 'torch' or 'liger'")
     if impl == "auto":
-        impl = "liger" if h.is_cuda and liger_available() else "torch"
+        impl = "compiled" if h.is_cuda else "torch"
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(h, weight, lab, bias=bias, ignore_index=ignore_index)
-    if chunk_rows is None:
-        chunk_rows = max(256, min(h.shape[0], (h.shape[0] * h.shape[1]) // max(1, weight.shape[0])))
-    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, lab, ignore_index, int(chunk_rows))
+    if chunk_rows is None:  # a multiple of 256 rows: the logits' matrix product runs on whole tiles
+        chunk_rows = min(h.shape[0], -(-max(1, h.shape[0] * h.shape[1] // max(1, weight.shape[0])) // 256) * 256)
+    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, lab, ignore_index, int(chunk_rows), impl == "compiled")
+
+
+#: transformers' SDPA attention registered under a name its mask factory does not know: a model set to it builds
+#: no attention mask (``create_causal_mask`` returns the mask it was given, None) and SDPA runs with
+#: ``is_causal=True``. transformers skips the mask itself only where it can read the padding mask: inside
+#: a CUDA-graph capture (and, before transformers 5.24, under ``torch.compile``) it builds the full
+#: (batch × 1 × seq × seq) mask and SDPA runs a masked kernel.
+CAUSAL_SDPA = "lowrank_causal_sdpa"
+
+
+@contextlib.contextmanager
+def causal_sdpa(model: nn.Module):
+    """A context in which a causal LM using SDPA attention runs it with ``is_causal=True`` and no mask tensor.
+
+    Exact whenever the forward gets no attention mask (every position is a real token) or the padding is on
+    the right and the padded positions are not scored: under causal attention a position never attends to
+    the ones after it. Models on another attention implementation are left as they are."""
+    config = getattr(unwrap(model), "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    config._attn_implementation = CAUSAL_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------------
+# packed rows: attention within each sequence
+
+#: transformers attention implementation for a packed row (``lowrank.runner.data.pack``): causal attention within
+#: each sequence, whose boundaries (``cu_seq_lens_q``) transformers passes from the forward's keyword arguments to
+#: the attention function; like ``CAUSAL_SDPA``, a name the mask factory does not know, so no mask is built
+PACKED = "lowrank_packed"
+#: model types whose forward takes ``position_ids`` and passes its keyword arguments down to the attention
+#: function (tests/test_packing.py checks each against the padded batch's loss)
+PACKING_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite")
+
+
+def packing_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` cannot train on packed rows (None when it can)."""
+    config = getattr(unwrap(model), "config", None)
+    family = getattr(config, "model_type", None)
+    if family not in PACKING_FAMILIES:
+        return (f"model_type={family!r} is not one of the families whose attention takes the sequences' "
+                f"boundaries ({', '.join(PACKING_FAMILIES)})")
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r} (packing replaces sdpa or eager)"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset[str] | None:
+    """The keyword parameters of ``torch.nn.attention.varlen.varlen_attn`` (None where this torch has none)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_causal(query, key, value, cu, width: int, scaling: float | None) -> torch.Tensor | None:
+    """Causal flash attention over the sequences of one packed row (torch's variable-length path); None where
+    this torch's ``varlen_attn`` cannot express the call."""
+    params = _varlen_parameters()
+    head_dim = query.shape[-1]
+    if params is None or (scaling is not None and "scale" not in params and abs(scaling - head_dim ** -0.5) > 1e-12):
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (tokens, heads, head_dim)
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params and scaling is not None:
+        kw["scale"] = scaling
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu, cu, width, width, **kw)[None]
+
+
+def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask=None, dropout: float = 0.0, scaling: float | None = None, *,
+                             cu_seq_lens_q: torch.Tensor | None = None, **kwargs):
+    """transformers' attention-function signature for one packed row: ``query`` (1, heads, tokens, head_dim),
+    ``key``/``value`` (1, kv heads, tokens, head_dim); returns (1, tokens, heads, head_dim) and no weights.
+    On a GPU in bf16/fp16, torch's variable-length flash attention; elsewhere SDPA with the block-diagonal
+    causal mask built from the boundaries (the same attention, as a dense mask)."""
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError("packed attention needs one packed row and its cu_seq_lens_q (lowrank.runner.data.pack)")
+    width = query.shape[2]
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not (module.training and dropout):
+        out = _varlen_causal(query, key, value, cu_seq_lens_q, width, scaling)
+        if out is not None:
+            return out, None
+    positions = torch.arange(width, device=query.device)
+    segment = torch.searchsorted(cu_seq_lens_q[1:].to(torch.int64), positions, right=True)
+    allowed = (segment[:, None] == segment[None, :]) & (positions[:, None] >= positions[None, :])
+    if key.shape[1] != query.shape[1]:
+        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                         dropout_p=dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_inputs(batch: dict) -> dict:
+    """The forward's keyword arguments for a packed row: its positions and its sequences' boundaries."""
+    cu, width = batch["cu_seq_lens"], batch["input_ids"].shape[1]
+    return {"position_ids": batch["position_ids"], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": width, "max_length_k": width}
+
+
+@contextlib.contextmanager
+def packed_attention(model: nn.Module):
+    """A context in which ``model`` (a ``PACKING_FAMILIES`` model) attends within each sequence of a packed row
+    (``packed_inputs`` gives the forward the boundaries)."""
+    config = unwrap(model).config
+    from transformers import AttentionInterface
+
+    if PACKED not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED, packed_attention_forward)
+    previous = config._attn_implementation
+    config._attn_implementation = PACKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -369,7 +554,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         raise ValueError(f"causal_lm_loss needs a plain nn.Linear LM head, got {type(head).__name__} "
                          "(an adapted head? use the model's own loss)")
     decoder = lm.get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    with causal_sdpa(lm) if attention_mask is None else contextlib.nullcontext():
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     labels = input_ids if labels is None else labels
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]

@@ -30,7 +30,7 @@ METRICS = {"classification": ("accuracy", "mcc"), "generation": ("bleu",)}
 LOCAL_FORMATS = ("label_text", "cola_tsv", "e2e_csv")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-COMPILE_MODES = ("auto", "off", "inductor", "inductor+cudagraphs", "cudagraphs", "whole-graph")  # accel.plan
+COMPILE_MODES = ("auto", "off", "inductor", "inductor+cudagraphs", "inductor+whole-graph", "cudagraphs", "whole-graph")  # accel.plan
 SWITCHES = ("auto", "on", "off")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
@@ -187,6 +187,9 @@ def validate(cfg: DictConfig, *, check_data: bool = True) -> DictConfig:
     _check_task(typed.task)
     _check_adapter(typed)
     _check_trainer(typed.trainer)
+    if typed.trainer.packing and typed.task.kind != "generation":
+        raise ConfigError(f"trainer.packing=true lays causal-LM sequences end to end, but task {typed.task.name!r} is "
+                          f"{typed.task.kind}; fix: trainer.packing=false")
     if typed.logger.name not in LOGGERS:
         raise ConfigError(f"logger.name={typed.logger.name!r} is unknown; fix: logger=wandb or logger=none")
     mode = str(typed.logger.mode)

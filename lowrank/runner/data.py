@@ -427,9 +427,11 @@ def bucket_width(longest: int, max_len: int, buckets: int) -> int:
 
 
 def collate(examples: dict[str, list], pad_id: int, kind: str, *, width: int | None = None,
-            device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+            device: torch.device | str | None = None, packed: bool = False) -> dict[str, torch.Tensor]:
     """Pad a batch (``Dataset[indices]``: a dict of lists) on the right to its longest sequence (or to
-    ``width``) and move it to ``device`` (an asynchronous copy on CUDA)."""
+    ``width``) and move it to ``device`` (an asynchronous copy on CUDA). ``packed``: see ``pack``."""
+    if packed:
+        return _to(pack(examples, pad_id, width=width), device)
     ids = examples["input_ids"]
     width = max(width or 0, max(len(x) for x in ids))
     input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
@@ -443,7 +445,44 @@ def collate(examples: dict[str, list], pad_id: int, kind: str, *, width: int | N
         labels = np.full((len(ids), width), IGNORE, dtype=np.int64)
         for i, y in enumerate(examples["labels"]):
             labels[i, :len(y)] = y
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return _to({"input_ids": input_ids, "attention_mask": mask, "labels": labels}, device)
+
+
+def pack(examples: dict[str, list], pad_id: int, *, width: int | None = None) -> dict[str, np.ndarray]:
+    """A causal-LM batch as one row without padding between its sequences (padding-free training).
+
+    The sequences are laid end to end and the row is padded on the right to ``width`` (at least their total).
+    ``position_ids`` restart at 0 with each sequence; ``cu_seq_lens`` holds the sequences' boundaries,
+    0, l1, l1+l2, …, total, width (the padding is a last sequence of its own, possibly empty: the shape depends
+    on the number of sequences alone); each sequence's first token carries no label, so no token is scored
+    from the one before it that belongs to another sequence. With attention kept within each sequence
+    (``lowrank.runner.accel.packed_attention``), the loss is the padded batch's: the mean over the same target
+    tokens.
+    """
+    ids, labels = examples["input_ids"], examples["labels"]
+    lengths = [len(x) for x in ids]
+    total = sum(lengths)
+    width = max(width or 0, total)
+    input_ids = np.full((1, width), pad_id, dtype=np.int64)
+    targets = np.full((1, width), IGNORE, dtype=np.int64)
+    positions = np.zeros((1, width), dtype=np.int64)
+    mask = np.zeros((1, width), dtype=np.int64)
+    start = 0
+    for x, y in zip(ids, labels):
+        n = len(x)
+        input_ids[0, start:start + n] = x
+        targets[0, start:start + len(y)] = y
+        targets[0, start] = IGNORE
+        positions[0, start:start + n] = np.arange(n)
+        start += n
+    positions[0, total:] = np.arange(width - total)
+    mask[0, :total] = 1
+    cu = np.asarray([0, *np.cumsum(lengths), width], dtype=np.int32)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": targets, "position_ids": positions,
+            "cu_seq_lens": cu}
+
+
+def _to(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
     device = torch.device(device) if device is not None else None
     if device is None or device.type == "cpu":
         return {k: torch.from_numpy(v) for k, v in batch.items()}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank.runner.accel import NOT_CAUSAL_LM, causal_lm_loss
+from lowrank.runner.accel import NOT_CAUSAL_LM, causal_lm_loss, causal_sdpa, packed_attention, packed_inputs
 from lowrank.runner.data import IGNORE
 
 
@@ -68,10 +68,20 @@ def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fuse
     A causal LM gets no attention mask: ``collate`` pads on the right and the padded positions carry no
     label, and under causal attention a token never attends to the positions after it, so every scored
     position's output is the masked forward's (positions count from 0 either way). Without a mask, SDPA
-    runs its causal flash kernel instead of the masked one.
+    runs its causal kernel instead of the masked one (``accel.causal_sdpa``, also inside a CUDA graph). A
+    packed batch (``data.pack``: one row, ``cu_seq_lens``) attends within each of its sequences
+    (``accel.packed_attention``).
     """
+    if "cu_seq_lens" in batch:  # one packed row (data.pack): attention within each sequence
+        extra = packed_inputs(batch)
+        with packed_attention(model):
+            if fused:
+                return causal_lm_loss(model, batch["input_ids"], batch["labels"], ignore_index=IGNORE, **extra)
+            logits = net(input_ids=batch["input_ids"], **extra).logits
+        return loss_fn(logits, batch["labels"], kind, label_smoothing)
     mask = batch["attention_mask"] if kind == "classification" else None
     if fused:
         return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=mask, ignore_index=IGNORE)
-    logits = net(input_ids=batch["input_ids"], attention_mask=mask).logits
+    with causal_sdpa(model) if mask is None else nullcontext():
+        logits = net(input_ids=batch["input_ids"], attention_mask=mask).logits
     return loss_fn(logits, batch["labels"], kind, label_smoothing)

@@ -127,6 +127,7 @@ class TrainerConfig:
     compile: str = "auto"
     fused_loss: str = "auto"
     length_buckets: Optional[int] = None
+    packing: bool = False
     device: str = "auto"
     num_threads: Optional[int] = None
     progress: bool = True

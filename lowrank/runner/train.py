@@ -49,6 +49,7 @@ from torch import nn
 from lowrank.atomic import write_text
 from lowrank.hooks import NoHooks, training_hooks
 from lowrank.runner import accel, distributed, graphs
+from lowrank.runner.config import ConfigError
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
@@ -330,13 +331,16 @@ class Training:
         self.device = device = world.device(cfg.device, job.job_num)
         model.to(device)
         self.schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
+        if cfg.packing and (why := accel.packing_blocker(model)) is not None:
+            raise ConfigError(f"trainer.packing=true: {why}; fix: trainer.packing=false")
+        self.micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
         self.fast = accel.plan(cfg, device, can_fuse(model, job.data.kind, cfg.label_smoothing, world.active),
                                parameters=sum(p.numel() for p in model.parameters()),
-                               graph_blocker=_graph_blocker(world, self.schedule))
+                               graph_blocker=_graph_blocker(world, self.schedule),
+                               packed_width=self.micro * cfg.max_seq_len if cfg.packing else 0)
         accel.prepare(model, self.fast)
         log.info("fast path on %s: %s", device, self.fast.describe())
         self.ckpt_dir = job.out_dir / CHECKPOINTS
-        self.micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
         self.total = total = total_steps(cfg, len(job.data.train))
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -373,7 +377,7 @@ class Training:
         self.losses, self.clock = _Losses(), _StepClock()
         model.train()
         self.bar = _progress(cfg, total, self.state["step"])
-        self.graphed = self.fast.compile == "whole-graph"
+        self.graphed = self.fast.compile in accel.WHOLE_GRAPH
         forward_backward = micro_step(self.net, model, job.data.kind, device, cfg.precision,
                                       accumulate=cfg.grad_accum, label_smoothing=cfg.label_smoothing,
                                       fused=self.fast.fused_loss, graphed=self.graphed,
@@ -395,8 +399,10 @@ class Training:
         step_loss = None
         for m in range(0, len(indices), self.micro):  # grad_accum micro-batches
             rows = data.train[indices[m:m + self.micro]]
-            batch = collate(rows, data.pad_id, data.kind, device=self.device,
-                            width=bucket_width(max(map(len, rows["input_ids"])), cfg.max_seq_len, fast.buckets))
+            lengths = [len(x) for x in rows["input_ids"]]
+            width = (bucket_width(sum(lengths), self.micro * cfg.max_seq_len, fast.buckets) if fast.packed
+                     else bucket_width(max(lengths), cfg.max_seq_len, fast.buckets))
+            batch = collate(rows, data.pad_id, data.kind, device=self.device, width=width, packed=fast.packed)
             if fast.compile in ("cudagraphs", "inductor+cudagraphs"):
                 torch.compiler.cudagraph_mark_step_begin()  # the previous micro-batch's graph outputs are dead
             with self.world.no_sync(self.net, last_micro_batch=m + self.micro >= len(indices)):

@@ -1,0 +1,256 @@
+"""Where a causal LM's training step goes on a GPU, and what each stage of the fast path takes off it.
+
+The job is ``gpu_step.py``'s LLaMA preset (random init, bf16 base, random tokens filling every row) at batch 4 ×
+``--seq``, LoRA r = 8 (α = 16) on q,k,v,o with B random (every gradient is real), the fused loss, AdamW. Each
+variant is a fresh copy of one base with the same adapter weights:
+
+- ``blocks-cg``: each block compiled (regional inductor) and replayed as CUDA graphs (``reduce-overhead``), the
+  loss's chunks eager (``trainer.compile=inductor+cudagraphs``);
+- ``whole-eager-loss``: the compiled blocks and everything around them, embedding to loss and its backward,
+  captured as one CUDA graph (``lowrank.runner.graphs.GraphedStep``: ``trainer.compile=inductor+whole-graph``),
+  the loss's chunks eager (``impl="torch"``);
+- ``whole``: the same with the loss's chunks through inductor (``impl="compiled"``): what ``python run.py`` does;
+- ``whole+fused-proj``: ``whole`` with the frozen q,k,v and gate,up products fused into one matrix product each
+  (the base weights become views of one concatenated matrix; LoRA's updates added to the slices): an
+  experiment, not part of the library;
+- ``eager``, ``eager+fused-proj``: no compilation, no graphs (the CPU smoke run's variants).
+
+Per variant: the median step (CUDA events around forward, backward and AdamW), the host's time to issue a step
+(10 steps without synchronising), peak memory and the first loss (all variants must agree); for ``--profile``
+variants, the kernels' time per step by kind (torch.profiler, 3 steps).
+
+    python -m benchmarks.step_breakdown --out benchmarks/results/step_breakdown_llama1b_h200.json
+    python -m benchmarks.step_breakdown --preset tiny-llama --device cpu --variants eager eager+fused-proj --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import importlib
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_variants import PRESETS, Variant, apply_adapter, build_base, make_batch  # noqa: E402
+from lowrank.runner import accel  # noqa: E402
+from lowrank.runner.graphs import GraphedStep  # noqa: E402
+
+VARIANTS = ("blocks-cg", "whole-eager-loss", "whole", "whole+fused-proj", "eager", "eager+fused-proj")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fused-projection experiment
+
+def _linear(module: nn.Module) -> nn.Linear:
+    return getattr(module, "base", module)  # an adapted layer wraps the nn.Linear as .base
+
+
+def _fuse(owner: nn.Module, names: tuple[str, ...]) -> list[int]:
+    """Concatenate the frozen weights of ``owner``'s ``names`` into one matrix (a buffer); each weight becomes a
+    view of its rows. Returns the row counts."""
+    layers = [_linear(getattr(owner, n)) for n in names]
+    if any(lin.bias is not None for lin in layers):
+        raise ValueError("the fused-projection experiment handles bias-free projections only")
+    fused = torch.cat([lin.weight.data for lin in layers]).contiguous()
+    sizes, start = [], 0
+    for lin in layers:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        sizes.append(rows)
+        start += rows
+    owner.register_buffer("fused_weight", fused, persistent=False)
+    return sizes
+
+
+def _projections(owner: nn.Module, names: tuple[str, ...], sizes: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+    parts = list(F.linear(x, owner.fused_weight).split(sizes, -1))
+    for i, name in enumerate(names):
+        layer = getattr(owner, name)
+        if hasattr(layer, "lora_output"):
+            parts[i] = parts[i] + layer.lora_output(x).to(parts[i].dtype)
+    return parts
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse q,k,v and gate,up of every block of a LLaMA-family ``model`` (the training forward only: a call with
+    a cache runs the block's own forward)."""
+    modeling = importlib.import_module(type(model).__module__)
+    qkv, gate_up = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn_sizes, mlp_sizes = _fuse(attn, qkv), _fuse(mlp, gate_up)
+        own = attn.forward
+
+        def attention(self, hidden_states, position_embeddings=None, attention_mask=None, _own=own,
+                      _sizes=attn_sizes, **kwargs):
+            if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+                return _own(hidden_states, position_embeddings, attention_mask, **kwargs)
+            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+            q, k, v = (p.view(shape).transpose(1, 2) for p in _projections(self, qkv, _sizes, hidden_states))
+            q, k = modeling.apply_rotary_pos_emb(q, k, *position_embeddings)
+            kernel = modeling.ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+            out, weights = kernel(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+            return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+        def mlp_forward(self, x, _sizes=mlp_sizes):
+            gate, up = _projections(self, gate_up, _sizes, x)
+            return self.down_proj(self.act_fn(gate) * up)
+
+        attn.forward = types.MethodType(attention, attn)
+        mlp.forward = types.MethodType(mlp_forward, mlp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# variants
+
+def build(base: nn.Module, variant: str, device: torch.device):
+    """``(step, params)``: ``step()`` runs one optimizer step of ``variant`` and returns the loss."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)
+    layers = apply_adapter(model, Variant.parse("ours:lora:plain"), "llama", 8, ["q", "k", "v", "o"])
+    g = torch.Generator().manual_seed(1)
+    for _, layer in sorted(layers.items()):
+        layer.lora_B.data.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.01)
+    if "fused-proj" in variant:
+        fuse_projections(model)
+    if variant != "eager" and not variant.startswith("eager+"):
+        accel.compile(model, mode="reduce-overhead" if variant == "blocks-cg" else None)
+    impl = "torch" if variant in ("whole-eager-loss", "blocks-cg") or variant.startswith("eager") else "compiled"
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_backward(batch):
+        if variant == "blocks-cg":
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = accel.causal_lm_loss(model, batch["input_ids"], impl=impl)
+        loss.backward()
+        return loss.detach()
+
+    whole = variant.startswith("whole")
+    run = GraphedStep(forward_backward, params, device) if whole else forward_backward
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+    def step(batch):
+        loss = run(batch)
+        opt.step()
+        opt.zero_grad(set_to_none=not whole)
+        return loss
+
+    return step, params
+
+
+def _kind(kernel: str) -> str:
+    name = kernel.lower()
+    if any(k in name for k in ("nvjet", "gemm", "cutlass", "splitk")):
+        return "matrix products"
+    if any(k in name for k in ("sdpa", "attention", "fmha", "flash")):
+        return "attention"
+    if name.startswith("triton"):
+        return "inductor elementwise"
+    if any(k in name for k in ("elementwise", "reduce", "copy", "scatter")):
+        return "other elementwise"
+    return "other"
+
+
+def profile(step, batch, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(batch)
+        torch.cuda.synchronize(device)
+    kinds, kernels = collections.Counter(), 0
+    for event in prof.key_averages():
+        t = getattr(event, "self_device_time_total", 0)
+        if event.device_type == torch.autograd.DeviceType.CUDA and t:
+            kinds[_kind(event.key)] += t / 3e3
+            kernels += event.count / 3
+    return {"kernel_ms": {k: round(v, 2) for k, v in kinds.most_common()}, "kernel_ms_total": round(sum(kinds.values()), 2),
+            "kernels_per_step": round(kernels)}
+
+
+def measure(base, variant: str, batch, device, steps: int, do_profile: bool) -> dict:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    step, _ = build(base, variant, device)
+    first = step(batch).item()
+    for _ in range(3):
+        step(batch)
+    times = []
+    for _ in range(steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(batch)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step(batch)
+            times.append(1e3 * (time.perf_counter() - t))
+    row = {"variant": variant, "step_ms": round(statistics.median(times), 2), "first_loss": first}
+    if cuda:
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            step(batch)
+        row["host_issue_ms"] = round(1e2 * (time.perf_counter() - t), 2)
+        torch.cuda.synchronize(device)
+        row["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+        if do_profile:
+            row.update(profile(step, batch, device))
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="llama1b", choices=[k for k, v in PRESETS.items() if v["family"] == "llama"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--variants", nargs="+", default=["blocks-cg", "whole-eager-loss", "whole", "whole+fused-proj"],
+                   choices=VARIANTS)
+    p.add_argument("--profile", nargs="*", default=["blocks-cg", "whole"], help="variants to profile")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    preset = dict(PRESETS[args.preset], seq=args.seq)
+    device = torch.device(args.device or preset["device"])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base, source = build_base(preset, device, dtype)
+    batch = make_batch(preset, base, device)
+    import transformers
+
+    result = {"preset": args.preset, "batch": preset["batch"], "seq": args.seq, "source": source,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "command": "python -m benchmarks.step_breakdown " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "rows": []}
+    for variant in args.variants:
+        row = measure(base, variant, batch, device, args.steps, variant in args.profile and device.type == "cuda")
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if device.type == "cuda":
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
