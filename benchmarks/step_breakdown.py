@@ -21,6 +21,7 @@ variants, the kernels' time per step by kind (torch.profiler, 3 steps).
 
     python -m benchmarks.step_breakdown --out benchmarks/results/step_breakdown_llama1b_h200.json
     python -m benchmarks.step_breakdown --preset tiny-llama --device cpu --variants eager eager+fused-proj --steps 2
+    python -m benchmarks.step_breakdown --table benchmarks/results/step_breakdown_llama1b_h200.json
 """
 
 from __future__ import annotations
@@ -216,6 +217,19 @@ def measure(base, variant: str, batch, device, steps: int, do_profile: bool) -> 
     return row
 
 
+def table(result: dict) -> str:
+    """The README table of a breakdown JSON."""
+    kinds = ("matrix products", "attention", "inductor elementwise", "other elementwise", "other")
+    lines = ["| variant | step (ms) | host issue (ms) | peak (GB) | kernels (ms): " + ", ".join(kinds) + " | kernels per step |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ms = r.get("kernel_ms")
+        split = (f"{r['kernel_ms_total']}: " + ", ".join(str(ms.get(k, 0)) for k in kinds)) if ms else "–"
+        lines.append(f"| {r['variant']} | {r['step_ms']} | {r.get('host_issue_ms', '–')} | {r.get('peak_gb', '–')} | "
+                     f"{split} | {r.get('kernels_per_step', '–')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama1b", choices=[k for k, v in PRESETS.items() if v["family"] == "llama"])
@@ -226,7 +240,11 @@ def main(argv=None) -> int:
     p.add_argument("--profile", nargs="*", default=["blocks-cg", "whole"], help="variants to profile")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default=None)
+    p.add_argument("--table", default=None, help="print the table of a breakdown JSON and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     preset = dict(PRESETS[args.preset], seq=args.seq)
     device = torch.device(args.device or preset["device"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
