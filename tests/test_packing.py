@@ -88,11 +88,11 @@ def test_packing_refuses_what_it_cannot_pack():
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97))
-    assert "model_type='gpt2'" in accel.packing_blocker(gpt2)
-    assert accel.packing_blocker(family_model("llama")) is None
+    assert "model_type='gpt2'" in accel.packing_blocker(gpt2.config)
+    assert accel.packing_blocker(family_model("llama").config) is None
     bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                     intermediate_size=64, vocab_size=97))
-    assert accel.packing_blocker(bert) is not None
+    assert accel.packing_blocker(bert.config) is not None
 
 
 def test_packing_on_a_classification_task_is_refused():
@@ -174,3 +174,14 @@ def test_packed_varlen_attention_on_the_gpu_equals_the_padded_batch():
     torch.testing.assert_close(packed, padded, rtol=2e-2, atol=0)
     for a, b in zip(g_packed, g_padded):
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
+
+
+def test_packing_a_model_that_cannot_pack_is_refused_before_loading(tiny_bert, tiny_data, tmp_path):
+    """MiniLM-like BERT on a generation task cannot pack: the job stops in one line, naming the model type."""
+    from conftest import run_cli, tiny_args
+
+    proc = run_cli(*tiny_args(tiny_bert, "task=e2e", "trainer.packing=true", f"hydra.run.dir={tmp_path / 'run'}"),
+                   data_dir=tiny_data)
+    assert proc.returncode == 2
+    assert "trainer.packing=true: model_type='bert' is not one of the families" in proc.stderr
+    assert "fix: trainer.packing=false" in proc.stderr

@@ -444,15 +444,15 @@ PACKED = "lowrank_packed"
 PACKING_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite")
 
 
-def packing_blocker(model: nn.Module) -> str | None:
-    """Why ``model`` cannot train on packed rows (None when it can)."""
-    config = getattr(unwrap(model), "config", None)
+def packing_blocker(config) -> str | None:
+    """Why a model of this transformers ``config`` cannot train on packed rows (None when it can)."""
     family = getattr(config, "model_type", None)
     if family not in PACKING_FAMILIES:
         return (f"model_type={family!r} is not one of the families whose attention takes the sequences' "
                 f"boundaries ({', '.join(PACKING_FAMILIES)})")
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return f"attention implementation {config._attn_implementation!r} (packing replaces sdpa or eager)"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in (None, "sdpa", "eager"):
+        return f"attention implementation {implementation!r} (packing replaces sdpa or eager)"
     return None
 
 

@@ -177,13 +177,17 @@ def check(cfg: DictConfig, seen: set[str] | None = None) -> DictConfig:
     ``check_targets`` (targets, rank, alpha and options on the model's skeleton); the typed config.
     ``seen``: keys of the model/adapter combinations already checked on a skeleton (a sweep's preflight
     checks each once); updated in place."""
-    from lowrank.runner import models
+    from lowrank.runner import accel, models
 
     cfg = validate(cfg)
     key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(
-        cfg, ["model", "task", "adapter", "targets", "layers", "rank", "alpha"]), resolve=True), sort_keys=True)
+        cfg, ["model", "task", "adapter", "targets", "layers", "rank", "alpha", "trainer.packing"]), resolve=True),
+        sort_keys=True)
     if seen is None or key not in seen:
-        check_targets(cfg, models.load_config(cfg.model, cfg.task))
+        model_config = models.load_config(cfg.model, cfg.task)
+        if cfg.trainer.packing and (why := accel.packing_blocker(model_config)) is not None:
+            raise ConfigError(f"trainer.packing=true: {why}; fix: trainer.packing=false")
+        check_targets(cfg, model_config)
         if seen is not None:
             seen.add(key)
     return cfg

@@ -30,7 +30,8 @@ METRICS = {"classification": ("accuracy", "mcc"), "generation": ("bleu",)}
 LOCAL_FORMATS = ("label_text", "cola_tsv", "e2e_csv")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-COMPILE_MODES = ("auto", "off", "inductor", "inductor+cudagraphs", "inductor+whole-graph", "cudagraphs", "whole-graph")  # accel.plan
+COMPILE_MODES = ("auto", "off", "inductor", "inductor+cudagraphs", "inductor+whole-graph", "cudagraphs",
+                 "whole-graph")  # accel.plan
 SWITCHES = ("auto", "on", "off")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled", "shared")

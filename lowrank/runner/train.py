@@ -49,8 +49,8 @@ from torch import nn
 from lowrank.atomic import write_text
 from lowrank.hooks import NoHooks, training_hooks
 from lowrank.runner import accel, distributed, graphs
-from lowrank.runner.config import ConfigError
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from lowrank.runner.config import ConfigError
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
 from lowrank.runner.loraplus import lora_plus_groups
@@ -331,7 +331,7 @@ class Training:
         self.device = device = world.device(cfg.device, job.job_num)
         model.to(device)
         self.schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
-        if cfg.packing and (why := accel.packing_blocker(model)) is not None:
+        if cfg.packing and (why := accel.packing_blocker(accel.unwrap(model).config)) is not None:
             raise ConfigError(f"trainer.packing=true: {why}; fix: trainer.packing=false")
         self.micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
         self.fast = accel.plan(cfg, device, can_fuse(model, job.data.kind, cfg.label_smoothing, world.active),
