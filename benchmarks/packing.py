@@ -54,7 +54,8 @@ def run_row(row: str, tmp: Path, folder: Path, batch: int, max_len: int, steps: 
 
 def table(result: dict) -> str:
     """The README table of a packing JSON."""
-    lines = ["| row | step (ms) | examples/s | peak (GB) | fast path | first losses vs ours-padded |", "|---|---|---|---|---|---|"]
+    lines = ["| row | step (ms) | examples/s | peak (GB) | fast path | first losses vs ours-padded |",
+             "|---|---|---|---|---|---|"]
     for name, r in result["rows"].items():
         s = r["summary"]
         loss = f"{100 * s['loss_rel_diff']:.2f} %" if s.get("loss_rel_diff") is not None else "–"
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__,
-              "command": portable("python -m benchmarks.packing " + " ".join(argv if argv is not None else sys.argv[1:])),
+              "command": portable("python -m benchmarks.packing "
+                                  + " ".join(argv if argv is not None else sys.argv[1:])),
               "batch": args.batch, "max_len": args.max_len, "steps": args.steps, "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -15,9 +15,10 @@ variant is a fresh copy of one base with the same adapter weights:
   experiment, not part of the library;
 - ``eager``, ``eager+fused-proj``: no compilation, no graphs (the CPU smoke run's variants).
 
-Per variant: the median step (CUDA events around forward, backward and AdamW), the host's time to issue a step
-(10 steps without synchronising), peak memory and the first loss (all variants must agree); for ``--profile``
-variants, the kernels' time per step by kind (torch.profiler, 3 steps).
+Per variant: the median step (CUDA events around forward, backward and AdamW), ``host_issue_ms`` (the host's
+time for 10 steps without synchronising, ÷ 10: it includes waiting once the GPU's queue is full), peak memory
+and the first loss (all variants must agree); for ``--profile`` variants, the kernels' time per step by kind
+(torch.profiler, 3 steps).
 
     python -m benchmarks.step_breakdown --out benchmarks/results/step_breakdown_llama1b_h200.json
     python -m benchmarks.step_breakdown --preset tiny-llama --device cpu --variants eager eager+fused-proj --steps 2
@@ -46,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.step_variants import PRESETS, Variant, apply_adapter, build_base, make_batch  # noqa: E402
+from experiments.portable import portable  # noqa: E402
 from lowrank.runner import accel  # noqa: E402
 from lowrank.runner.graphs import GraphedStep  # noqa: E402
 
@@ -178,7 +180,8 @@ def profile(step, batch, device) -> dict:
         if event.device_type == torch.autograd.DeviceType.CUDA and t:
             kinds[_kind(event.key)] += t / 3e3
             kernels += event.count / 3
-    return {"kernel_ms": {k: round(v, 2) for k, v in kinds.most_common()}, "kernel_ms_total": round(sum(kinds.values()), 2),
+    return {"kernel_ms": {k: round(v, 2) for k, v in kinds.most_common()},
+            "kernel_ms_total": round(sum(kinds.values()), 2),
             "kernels_per_step": round(kernels)}
 
 
@@ -218,15 +221,17 @@ def measure(base, variant: str, batch, device, steps: int, do_profile: bool) -> 
 
 
 def table(result: dict) -> str:
-    """The README table of a breakdown JSON."""
+    """The README table of a breakdown JSON (GPU idle: the step less its kernels' time, where profiled)."""
     kinds = ("matrix products", "attention", "inductor elementwise", "other elementwise", "other")
-    lines = ["| variant | step (ms) | host issue (ms) | peak (GB) | kernels (ms): " + ", ".join(kinds) + " | kernels per step |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | step (ms) | kernels (ms) | GPU idle (ms) | kernels by kind (ms): " + ", ".join(kinds)
+             + " | kernels per step | peak (GB) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ms = r.get("kernel_ms")
-        split = (f"{r['kernel_ms_total']}: " + ", ".join(str(ms.get(k, 0)) for k in kinds)) if ms else "–"
-        lines.append(f"| {r['variant']} | {r['step_ms']} | {r.get('host_issue_ms', '–')} | {r.get('peak_gb', '–')} | "
-                     f"{split} | {r.get('kernels_per_step', '–')} |")
+        total = r.get("kernel_ms_total")
+        idle = f"{r['step_ms'] - total:.2f}" if total else "–"
+        split = ", ".join(str(ms.get(k, 0)) for k in kinds) if ms else "–"
+        lines.append(f"| {r['variant']} | {r['step_ms']} | {total or '–'} | {idle} | {split} | "
+                     f"{r.get('kernels_per_step', '–')} | {r.get('peak_gb', '–')} |")
     return "\n".join(lines)
 
 
@@ -255,7 +260,8 @@ def main(argv=None) -> int:
     result = {"preset": args.preset, "batch": preset["batch"], "seq": args.seq, "source": source,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
-              "command": "python -m benchmarks.step_breakdown " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": portable("python -m benchmarks.step_breakdown "
+                                  + " ".join(argv if argv is not None else sys.argv[1:])),
               "rows": []}
     for variant in args.variants:
         row = measure(base, variant, batch, device, args.steps, variant in args.profile and device.type == "cuda")

@@ -57,7 +57,7 @@ PRESETS = {
 
 #: base speed-ups, joined with "+": fused (fused linear CE), liger (Liger kernels + Liger's fused CE), compile
 #: (regional torch.compile + fused CE), cg (compile with CUDA graphs: mode="reduce-overhead"), tce (the
-#: fused CE's chunks in eager PyTorch instead of through inductor)
+#: fused CE's chunks in eager PyTorch instead of through inductor, which compiled bases use)
 BASE_TOKENS = ("plain", "fused", "liger", "compile", "cg", "tce")
 BASES = ("plain", "fused", "liger", "compile", "compile+cg", "compile+tce", "compile+cg+tce", "liger+compile")
 
@@ -265,7 +265,7 @@ def build_variant(base: nn.Module, v: Variant, preset: dict, rank: int, targets:
     if "compile" in tokens:
         accel.compile(top, mode="reduce-overhead" if "cg" in tokens else None)
     causal = preset["task"] == "causal"
-    ce_impl = "torch" if "tce" in tokens else "liger" if "liger" in tokens else "auto"
+    ce_impl = "liger" if "liger" in tokens else "torch" if "tce" in tokens or "compile" not in tokens else "compiled"
     if causal and tokens != {"plain"}:
         def forward_loss(m, batch):
             return accel.causal_lm_loss(m, batch["input_ids"], impl=ce_impl)

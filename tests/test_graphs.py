@@ -1,5 +1,6 @@
 """lowrank.runner.graphs: a training step replayed as a CUDA graph per batch shape gives the eager step's
-adapter, with gradient accumulation and with shapes that alternate (GPU only, except the device check)."""
+adapter, with gradient accumulation, with shapes that alternate and around blocks compiled by inductor (GPU
+only, except the device check)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,52 @@ def test_graphed_dropout_is_seeded():
     torch.testing.assert_close(first[1], second[1], atol=0, rtol=0)
     no_dropout = _train(True, widths, 1)
     assert not torch.equal(first[1], no_dropout[1])  # dropout is live inside the graph
+
+
+def _train_llama(mode: str, widths):
+    """AdamW on a tiny LLaMA with LoRA on q,k,v,o through the fused causal-LM loss: eager, or the blocks compiled
+    by inductor and the whole micro-batch replayed as one CUDA graph (trainer.compile=inductor+whole-graph)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank.runner import accel
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config)
+    lowrank.adapt(model, "lora", targets=["q", "k", "v", "o"], rank=2)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode == "inductor+whole-graph":
+        accel.compile(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+
+    def micro(batch):
+        loss = accel.causal_lm_loss(model, batch["input_ids"], batch["labels"])
+        loss.backward()
+        return loss.detach()
+
+    graphed = mode != "eager"
+    run = GraphedStep(micro, params, device) if graphed else micro
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for width in widths:
+        ids = torch.randint(1, 97, (4, width), generator=gen)
+        labels = ids.clone()
+        labels[:, : width // 2] = -100
+        losses.append(run({"input_ids": ids.to(device), "labels": labels.to(device)}))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not graphed)
+    return [p.detach().cpu() for p in params], torch.stack(losses).cpu()
+
+
+@cuda
+def test_compiled_blocks_in_a_whole_step_graph_equal_eager_steps():
+    widths = [16, 32, 16, 16, 32]
+    eager_params, eager_losses = _train_llama("eager", widths)
+    graph_params, graph_losses = _train_llama("inductor+whole-graph", widths)
+    torch.testing.assert_close(graph_losses, eager_losses, atol=1e-4, rtol=1e-4)
+    for g, e in zip(graph_params, eager_params):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)

@@ -54,11 +54,10 @@ def test_pack_lays_sequences_end_to_end():
     examples = {"input_ids": [[5, 6, 7], [8, 9]], "labels": [[IGNORE, 6, 7], [8, 9]]}
     batch = pack(examples, pad_id=0, width=8)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
     # each sequence's first token is never a target (it would be scored from the other sequence's last token)
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE, IGNORE, IGNORE]]
     assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 8] and batch["cu_seq_lens"].dtype == np.int32
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]]
     assert pack(examples, 0)["cu_seq_lens"].tolist() == [0, 3, 5, 5]  # no padding: an empty last sequence
 
 
@@ -88,11 +87,50 @@ def test_packing_refuses_what_it_cannot_pack():
     from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97))
-    assert "model_type='gpt2'" in accel.packing_blocker(gpt2.config)
-    assert accel.packing_blocker(family_model("llama").config) is None
+    assert "model_type='gpt2'" in accel.packing_blocker(gpt2.config, 64)
+    assert accel.packing_blocker(family_model("llama").config, 64) is None
     bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                     intermediate_size=64, vocab_size=97))
-    assert accel.packing_blocker(bert.config) is not None
+    assert accel.packing_blocker(bert.config, 64) is not None
+
+
+def sliding_mistral(window: int = 4) -> torch.nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(**SMALL, pad_token_id=0, sliding_window=window)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return MistralForCausalLM(config).double().eval()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_sliding_window_keeps_its_mask(fused):
+    """A window shorter than the batch: the padded loss keeps transformers' sliding-window mask (each sequence
+    alone through the model is the reference), and packing is refused below the window."""
+    model = sliding_mistral(4)
+    examples = sequences()
+    got = batch_loss(model, model, collate(examples, 0, "generation"), "generation", fused=fused)
+    assert got.item() == pytest.approx(alone_reference(model, examples), rel=1e-6)
+    assert "sliding window of 4 tokens" in accel.packing_blocker(model.config, 64)
+    assert accel.packing_blocker(model.config, 4) is None  # no sequence is longer than the window
+
+
+def test_packed_positions_stop_at_each_sequence():
+    """A RoPE that rescales with the largest position (longrope): a row much wider than its sequences gives each
+    sequence alone's loss (the padding sits at position 0)."""
+    import transformers
+
+    config = transformers.Phi3Config(**SMALL, pad_token_id=0, original_max_position_embeddings=16,
+                                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                      "short_factor": [1.0] * 4, "long_factor": [4.0] * 4,
+                                                      "original_max_position_embeddings": 16})
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).double().eval()
+    examples = sequences()  # 26 tokens, each sequence under 16
+    packed = collate(examples, 0, "generation", packed=True, width=48)
+    got = batch_loss(model, model, packed, "generation", fused=True)
+    assert got.item() == pytest.approx(alone_reference(model, examples), rel=1e-9)
 
 
 def test_packing_on_a_classification_task_is_refused():
@@ -176,12 +214,15 @@ def test_packed_varlen_attention_on_the_gpu_equals_the_padded_batch():
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
 
 
-def test_packing_a_model_that_cannot_pack_is_refused_before_loading(tiny_bert, tiny_data, tmp_path):
-    """MiniLM-like BERT on a generation task cannot pack: the job stops in one line, naming the model type."""
+def test_packing_a_model_that_cannot_pack_is_refused_before_any_job(tiny_bert, tiny_data, tmp_path):
+    """A sweep over trainer.packing on a BERT (no packed attention): the preflight refuses it in one line, naming the
+    model type, before the first job (packing=false) runs."""
     from conftest import run_cli, tiny_args
 
-    proc = run_cli(*tiny_args(tiny_bert, "task=e2e", "trainer.packing=true", f"hydra.run.dir={tmp_path / 'run'}"),
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *tiny_args(tiny_bert, "task=e2e", "trainer.packing=false,true", f"hydra.sweep.dir={sweep}"),
                    data_dir=tiny_data)
     assert proc.returncode == 2
     assert "trainer.packing=true: model_type='bert' is not one of the families" in proc.stderr
     assert "fix: trainer.packing=false" in proc.stderr
+    assert not list(sweep.rglob("result.json"))  # no job ran

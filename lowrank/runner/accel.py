@@ -17,7 +17,7 @@ times). Three independent options attack it; ``benchmarks/gpu_step.py`` measures
   respect to the hidden states is computed during the forward, chunk by chunk (each chunk through
   inductor on a GPU, eager PyTorch otherwise; Liger's kernel on request). Equal to transformers'
   ``ForCausalLMLoss`` (mean over non-ignored shifted labels).
-- ``causal_sdpa(model)``: a causal LM's SDPA attention with ``is_causal=True`` and no mask tensor, also
+- ``causal_sdpa(model, width)``: a causal LM's SDPA attention with ``is_causal=True`` and no mask tensor, also
   under compilation and inside a CUDA-graph capture.
 
 None of these touch the adapter layers; they apply to PEFT models too (a ``PeftModel`` is unwrapped),
@@ -55,6 +55,8 @@ __all__ = [
     "packed_attention",
     "packed_inputs",
     "packing_blocker",
+    "refuse_packing",
+    "sliding_window",
     "unwrap",
 ]
 
@@ -304,20 +306,23 @@ def _chunk(h, weight, bias, lab, valid, n, need_h: bool, need_w: bool, need_b: b
     total = torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
     if not (need_h or need_w or need_b):
         return total, None, None, None
-    grad = torch.exp(logits - lse[:, None])  # softmax
-    grad = grad.scatter_add(1, safe[:, None], -valid.to(grad.dtype)[:, None])
-    grad = grad * (valid.to(grad.dtype) / n)[:, None]
+    grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+    grad.scatter_add_(1, safe[:, None], -valid.to(grad.dtype)[:, None])
+    grad.mul_((valid.to(grad.dtype) / n)[:, None])
     g = grad.to(h.dtype)
     return (total, g @ weight.to(h.dtype) if need_h else None, g.t().to(acc) @ h.to(acc) if need_w else None,
             grad.sum(0) if need_b else None)
 
 
 _compiled_chunk = None
+#: float32 logits per chunk of the fused cross-entropy (its default ``chunk_rows``)
+CHUNK_LOGITS_BYTES = 64 * 2**20
 
 
 def _chunk_fn(compiled: bool):
     """``_chunk``, or ``_chunk`` through inductor (one fused kernel for the upcast, log-sum-exp, softmax and
-    its scaling around the two matrix products; compiled once per chunk shape)."""
+    its scaling around the two matrix products; compiled once per chunk shape: every chunk has ``chunk_rows``
+    rows, the last one padded)."""
     global _compiled_chunk
     if not compiled:
         return _chunk
@@ -348,11 +353,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk = _chunk_fn(compiled)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            part, gh, gw, gb = chunk(hidden[rows], weight, bias, labels[rows], valid_all[rows], n,
-                                     need_h, need_w, need_b)
+            h, lab, valid = hidden[rows], labels[rows], valid_all[rows]
+            short = chunk_rows - h.shape[0] if compiled else 0  # one shape for every chunk: pad the last one
+            if short:
+                h, lab, valid = F.pad(h, (0, 0, 0, short)), F.pad(lab, (0, short)), F.pad(valid, (0, short))
+            part, gh, gw, gb = chunk(h, weight, bias, lab, valid, n, need_h, need_w, need_b)
             total = total + part
             if need_h:
-                grad_h[rows] = gh
+                grad_h[rows] = gh[:gh.shape[0] - short]
             if need_w:
                 grad_w += gw
             if need_b:
@@ -382,7 +390,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     inductor, GPU), ``"torch"`` (the same chunks in eager PyTorch, any device), ``"liger"`` (Liger's fused
     kernel, GPU; it reads the count of labels back to the host, so it cannot sit inside a CUDA graph) or
     ``"auto"`` (``compiled`` on a GPU, ``torch`` otherwise). ``chunk_rows`` (``torch``, ``compiled``)
-    defaults to about H·rows/V rows (a logits chunk the size of ``hidden``) rounded up to a multiple of 256.
+    defaults to a multiple of 256 rows (the logits' matrix product on whole tiles) holding about 64 MiB of
+    float32 logits, fewer where ``hidden`` has fewer rows, so that a model has at most a few chunk shapes.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1)
@@ -396,40 +405,62 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(h, weight, lab, bias=bias, ignore_index=ignore_index)
-    if chunk_rows is None:  # a multiple of 256 rows: the logits' matrix product runs on whole tiles
-        chunk_rows = min(h.shape[0], -(-max(1, h.shape[0] * h.shape[1] // max(1, weight.shape[0])) // 256) * 256)
+    if chunk_rows is None:
+        per_chunk = max(256, CHUNK_LOGITS_BYTES // (4 * weight.shape[0]) // 256 * 256)
+        chunk_rows = min(per_chunk, -(-h.shape[0] // 256) * 256)
     return _ChunkedLinearCrossEntropy.apply(h, weight, bias, lab, ignore_index, int(chunk_rows), impl == "compiled")
 
 
 #: transformers' SDPA attention registered under a name its mask factory does not know: a model set to it builds
 #: no attention mask (``create_causal_mask`` returns the mask it was given, None) and SDPA runs with
-#: ``is_causal=True``. transformers skips the mask itself only where it can read the padding mask: inside
-#: a CUDA-graph capture (and, before transformers 5.24, under ``torch.compile``) it builds the full
-#: (batch × 1 × seq × seq) mask and SDPA runs a masked kernel.
+#: ``is_causal=True``. transformers skips the mask itself only where it can read the padding mask: not inside a
+#: CUDA-graph capture, and under ``torch.compile`` only from transformers 5.24 with torch 2.14; elsewhere it
+#: builds the full (batch × 1 × seq × seq) mask and SDPA runs a masked kernel.
 CAUSAL_SDPA = "lowrank_causal_sdpa"
 
 
+def sliding_window(config) -> int | None:
+    """The sliding-window width of a transformers ``config`` whose attention uses one (None where none applies)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 @contextlib.contextmanager
-def causal_sdpa(model: nn.Module):
-    """A context in which a causal LM using SDPA attention runs it with ``is_causal=True`` and no mask tensor.
-
-    Exact whenever the forward gets no attention mask (every position is a real token) or the padding is on
-    the right and the padded positions are not scored: under causal attention a position never attends to
-    the ones after it. Models on another attention implementation are left as they are."""
-    config = getattr(unwrap(model), "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        yield
-        return
+def _attention(model: nn.Module, name: str, function):
+    """``model``'s attention implementation set to ``function`` (registered with transformers as ``name``)."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-    config._attn_implementation = CAUSAL_SDPA
+    config = unwrap(model).config
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, function)
+    previous = config._attn_implementation
+    config._attn_implementation = name
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = previous
+
+
+def causal_sdpa(model: nn.Module, width: int):
+    """A context in which a causal LM using SDPA attention runs it with ``is_causal=True`` and no mask tensor on
+    sequences of ``width`` tokens.
+
+    Exact whenever the forward gets no attention mask (every position is a real token) or the padding is on
+    the right and the padded positions are not scored: under causal attention a position never attends to
+    the ones after it. Models on another attention implementation, or with a sliding window shorter than
+    ``width`` (which needs its mask), are left as they are."""
+    config = getattr(unwrap(model), "config", None)
+    window = sliding_window(config)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or (window is not None and window < width):
+        return contextlib.nullcontext()
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return _attention(model, CAUSAL_SDPA, sdpa_attention_forward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,8 +475,9 @@ PACKED = "lowrank_packed"
 PACKING_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite")
 
 
-def packing_blocker(config) -> str | None:
-    """Why a model of this transformers ``config`` cannot train on packed rows (None when it can)."""
+def packing_blocker(config, max_len: int) -> str | None:
+    """Why a model of this transformers ``config`` cannot train on packed rows of sequences of at most
+    ``max_len`` tokens (None when it can)."""
     family = getattr(config, "model_type", None)
     if family not in PACKING_FAMILIES:
         return (f"model_type={family!r} is not one of the families whose attention takes the sequences' "
@@ -453,7 +485,20 @@ def packing_blocker(config) -> str | None:
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in (None, "sdpa", "eager"):
         return f"attention implementation {implementation!r} (packing replaces sdpa or eager)"
+    window = sliding_window(config)
+    if window is not None and window < max_len:
+        return (f"the model attends within a sliding window of {window} tokens, shorter than "
+                f"trainer.max_seq_len={max_len}, which packed attention does not apply")
     return None
+
+
+def refuse_packing(config, max_len: int) -> None:
+    """Raise ``ConfigError`` (one line) where ``packing_blocker`` says why ``trainer.packing=true`` cannot apply."""
+    why = packing_blocker(config, max_len)
+    if why is not None:
+        from lowrank.runner.config import ConfigError
+
+        raise ConfigError(f"trainer.packing=true: {why}; fix: trainer.packing=false")
 
 
 @functools.lru_cache(maxsize=1)
@@ -518,21 +563,10 @@ def packed_inputs(batch: dict) -> dict:
             "max_length_q": width, "max_length_k": width}
 
 
-@contextlib.contextmanager
 def packed_attention(model: nn.Module):
     """A context in which ``model`` (a ``PACKING_FAMILIES`` model) attends within each sequence of a packed row
     (``packed_inputs`` gives the forward the boundaries)."""
-    config = unwrap(model).config
-    from transformers import AttentionInterface
-
-    if PACKED not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED, packed_attention_forward)
-    previous = config._attn_implementation
-    config._attn_implementation = PACKED
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    return _attention(model, PACKED, packed_attention_forward)
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -554,7 +588,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         raise ValueError(f"causal_lm_loss needs a plain nn.Linear LM head, got {type(head).__name__} "
                          "(an adapted head? use the model's own loss)")
     decoder = lm.get_decoder()
-    with causal_sdpa(lm) if attention_mask is None else contextlib.nullcontext():
+    with causal_sdpa(lm, input_ids.shape[-1]) if attention_mask is None else contextlib.nullcontext():
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     labels = input_ids if labels is None else labels

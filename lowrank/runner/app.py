@@ -180,13 +180,14 @@ def check(cfg: DictConfig, seen: set[str] | None = None) -> DictConfig:
     from lowrank.runner import accel, models
 
     cfg = validate(cfg)
-    key = json.dumps(OmegaConf.to_container(OmegaConf.masked_copy(
-        cfg, ["model", "task", "adapter", "targets", "layers", "rank", "alpha", "trainer.packing"]), resolve=True),
+    packing = cfg.trainer.max_seq_len if cfg.trainer.packing else None
+    key = json.dumps([OmegaConf.to_container(OmegaConf.masked_copy(
+        cfg, ["model", "task", "adapter", "targets", "layers", "rank", "alpha"]), resolve=True), packing],
         sort_keys=True)
     if seen is None or key not in seen:
         model_config = models.load_config(cfg.model, cfg.task)
-        if cfg.trainer.packing and (why := accel.packing_blocker(model_config)) is not None:
-            raise ConfigError(f"trainer.packing=true: {why}; fix: trainer.packing=false")
+        if packing:
+            accel.refuse_packing(model_config, packing)
         check_targets(cfg, model_config)
         if seen is not None:
             seen.add(key)

@@ -452,12 +452,13 @@ def pack(examples: dict[str, list], pad_id: int, *, width: int | None = None) ->
     """A causal-LM batch as one row without padding between its sequences (padding-free training).
 
     The sequences are laid end to end and the row is padded on the right to ``width`` (at least their total).
-    ``position_ids`` restart at 0 with each sequence; ``cu_seq_lens`` holds the sequences' boundaries,
-    0, l1, l1+l2, …, total, width (the padding is a last sequence of its own, possibly empty: the shape depends
-    on the number of sequences alone); each sequence's first token carries no label, so no token is scored
-    from the one before it that belongs to another sequence. With attention kept within each sequence
-    (``lowrank.runner.accel.packed_attention``), the loss is the padded batch's: the mean over the same target
-    tokens.
+    ``position_ids`` restart at 0 with each sequence and are 0 on the padding, so that no position exceeds the
+    longest sequence's (RoPE variants that scale with the largest position see what each sequence alone gives).
+    ``cu_seq_lens`` holds the sequences' boundaries, 0, l1, l1+l2, …, total, width (the padding is a last
+    sequence of its own, possibly empty: the shape depends on the number of sequences alone). Each sequence's
+    first token carries no label, so no token is scored from the one before it that belongs to another
+    sequence. With attention kept within each sequence (``lowrank.runner.accel.packed_attention``), the loss
+    is the padded batch's: the mean over the same target tokens.
     """
     ids, labels = examples["input_ids"], examples["labels"]
     lengths = [len(x) for x in ids]
@@ -466,7 +467,6 @@ def pack(examples: dict[str, list], pad_id: int, *, width: int | None = None) ->
     input_ids = np.full((1, width), pad_id, dtype=np.int64)
     targets = np.full((1, width), IGNORE, dtype=np.int64)
     positions = np.zeros((1, width), dtype=np.int64)
-    mask = np.zeros((1, width), dtype=np.int64)
     start = 0
     for x, y in zip(ids, labels):
         n = len(x)
@@ -475,11 +475,8 @@ def pack(examples: dict[str, list], pad_id: int, *, width: int | None = None) ->
         targets[0, start] = IGNORE
         positions[0, start:start + n] = np.arange(n)
         start += n
-    positions[0, total:] = np.arange(width - total)
-    mask[0, :total] = 1
     cu = np.asarray([0, *np.cumsum(lengths), width], dtype=np.int32)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": targets, "position_ids": positions,
-            "cu_seq_lens": cu}
+    return {"input_ids": input_ids, "labels": targets, "position_ids": positions, "cu_seq_lens": cu}
 
 
 def _to(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:

@@ -59,11 +59,11 @@ def can_fuse(model: nn.Module, kind: str, label_smoothing: float, distributed: b
 
 
 def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fused: bool = False,
-               label_smoothing: float = 0.0) -> torch.Tensor:
+               label_smoothing: float = 0.0, loss_impl: str = "auto") -> torch.Tensor:
     """The mean training loss of one micro-batch (run it under ``autocast``).
 
     ``net`` runs the forward (the DDP wrapper when distributed), ``model`` is the model itself (the
-    fused path calls its decoder and LM head directly).
+    fused path calls its decoder and LM head directly; ``loss_impl`` is ``linear_cross_entropy``'s ``impl``).
 
     A causal LM gets no attention mask: ``collate`` pads on the right and the padded positions carry no
     label, and under causal attention a token never attends to the positions after it, so every scored
@@ -76,12 +76,14 @@ def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fuse
         extra = packed_inputs(batch)
         with packed_attention(model):
             if fused:
-                return causal_lm_loss(model, batch["input_ids"], batch["labels"], ignore_index=IGNORE, **extra)
+                return causal_lm_loss(model, batch["input_ids"], batch["labels"], ignore_index=IGNORE,
+                                      impl=loss_impl, **extra)
             logits = net(input_ids=batch["input_ids"], **extra).logits
         return loss_fn(logits, batch["labels"], kind, label_smoothing)
     mask = batch["attention_mask"] if kind == "classification" else None
     if fused:
-        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=mask, ignore_index=IGNORE)
-    with causal_sdpa(model) if mask is None else nullcontext():
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=mask, ignore_index=IGNORE,
+                              impl=loss_impl)
+    with causal_sdpa(model, batch["input_ids"].shape[-1]) if mask is None else nullcontext():
         logits = net(input_ids=batch["input_ids"], attention_mask=mask).logits
     return loss_fn(logits, batch["labels"], kind, label_smoothing)

@@ -50,7 +50,6 @@ from lowrank.atomic import write_text
 from lowrank.hooks import NoHooks, training_hooks
 from lowrank.runner import accel, distributed, graphs
 from lowrank.runner.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
-from lowrank.runner.config import ConfigError
 from lowrank.runner.data import TaskData, bucket_width, collate
 from lowrank.runner.evaluate import evaluate
 from lowrank.runner.loraplus import lora_plus_groups
@@ -138,13 +137,15 @@ def probe_head(model: nn.Module, data: TaskData, cfg, device: torch.device, seed
 
 def micro_step(net: nn.Module, model: nn.Module, kind: str, device: torch.device, precision: str, *,
                accumulate: int = 1, label_smoothing: float = 0.0, fused: bool = False, graphed: bool = False,
-               penalty: Callable[[], torch.Tensor | float] | None = None):
+               loss_impl: str = "auto", penalty: Callable[[], torch.Tensor | float] | None = None):
     """The forward and backward of one micro-batch, as a function of the batch that returns its loss
     (÷ ``accumulate``, detached). ``penalty()`` is added to the loss (a method's regulariser). ``graphed``: the
-    function is captured as a CUDA graph, which must not outlive autocast's cache of casted weights."""
+    function is captured as a CUDA graph, which must not outlive autocast's cache of casted weights.
+    ``loss_impl``: the fused loss's implementation (``accel.linear_cross_entropy``)."""
     def run(batch: dict) -> torch.Tensor:
         with autocast(device, precision, cache=not graphed):
-            loss = batch_loss(net, model, batch, kind, fused=fused, label_smoothing=label_smoothing)
+            loss = batch_loss(net, model, batch, kind, fused=fused, label_smoothing=label_smoothing,
+                              loss_impl=loss_impl)
             if penalty is not None:
                 loss = loss + penalty()
             loss = loss / accumulate
@@ -331,8 +332,8 @@ class Training:
         self.device = device = world.device(cfg.device, job.job_num)
         model.to(device)
         self.schedule = getattr(getattr(model, "lowrank_injected", None), "on_step", None)  # gradual unfreezing
-        if cfg.packing and (why := accel.packing_blocker(accel.unwrap(model).config)) is not None:
-            raise ConfigError(f"trainer.packing=true: {why}; fix: trainer.packing=false")
+        if cfg.packing:
+            accel.refuse_packing(accel.unwrap(model).config, cfg.max_seq_len)
         self.micro = -(-cfg.batch_size // (cfg.grad_accum * world.size))  # rows per micro-batch on this process
         self.fast = accel.plan(cfg, device, can_fuse(model, job.data.kind, cfg.label_smoothing, world.active),
                                parameters=sum(p.numel() for p in model.parameters()),
@@ -381,6 +382,7 @@ class Training:
         forward_backward = micro_step(self.net, model, job.data.kind, device, cfg.precision,
                                       accumulate=cfg.grad_accum, label_smoothing=cfg.label_smoothing,
                                       fused=self.fast.fused_loss, graphed=self.graphed,
+                                      loss_impl="torch" if self.fast.compile == "off" else "auto",
                                       penalty=None if isinstance(self.hooks, NoHooks) else self.hooks.penalty)
         self.run_micro = graphs.GraphedStep(forward_backward, self.params, device) if self.graphed else forward_backward
 
