@@ -169,8 +169,8 @@ def plan(cfg, device: torch.device, fuse_blocker: str | None, parameters: int = 
     models under ``SMALL_MODEL`` ``parameters`` and ``inductor+whole-graph`` for larger ones (where
     ``graph_blocker`` says why the whole step cannot be one graph: ``cudagraphs`` and ``inductor+cudagraphs``);
     ``off`` on the CPU (compiling costs more than it saves in the CPU's short runs). A whole-step graph
-    launches the step's kernels at once: with the blocks replayed one graph each, the host spends about
-    as long issuing a 1.1B model's step as the GPU spends running it (benchmarks/README.md).
+    launches the step's kernels at once: with the blocks replayed one graph each, the GPU idles between
+    them while the host launches the next (benchmarks/README.md, "Where the 1.1 B step goes").
     ``fused_loss`` ``auto``: on for causal LMs on CUDA. ``length_buckets`` ``null``: ``whole-graph`` one
     graph per 16 tokens of ``max_seq_len`` (at most 8: a capture is cheap, padding is not); other CUDA-graph
     modes 1 (every batch padded to ``max_seq_len``) up to 128 tokens, else 3 (each bucket is a
