@@ -121,20 +121,25 @@ def bench_steps(tmp: Path, seq: int, adapters: list[str], targets: list[str]) ->
     return {f"{r['adapter']}:r8:{r['targets']}": r["step_ms"] / 1e3 for r in rows if r.get("status") == "ok"}
 
 
-def llama_overrides(folder: Path, adapter: str, targets: str, seq: int, steps: int, name: str = "llama1b") -> list[str]:
-    """run.py's overrides for the LLaMA-style E2E case: batch 4 × ``seq`` (one length bucket), r = 8, α = 16."""
+def llama_overrides(folder: Path, adapter: str, targets: str, seq: int, steps: int, name: str = "llama1b", *,
+                    batch: int = 4, fixed_width: bool = True) -> list[str]:
+    """run.py's overrides for the LLaMA-style E2E case: batch ``batch`` × ``seq`` (one length bucket, or the
+    runner's default buckets without ``fixed_width``), r = 8, α = 16."""
     return ["task=e2e", f"model.pretrained={folder}", f"model.name={name}", f"adapter={adapter}", "rank=8",
-            "alpha=16", f"targets=[{','.join(targets)}]", "trainer.batch_size=4", f"trainer.max_seq_len={seq}",
-            "trainer.length_buckets=1", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-            "trainer.max_eval_samples=8", "trainer.checkpoint_every=0", "trainer.log_every=5",
+            "alpha=16", f"targets=[{','.join(targets)}]", f"trainer.batch_size={batch}", f"trainer.max_seq_len={seq}",
+            *(["trainer.length_buckets=1"] if fixed_width else []), f"trainer.max_steps={steps}",
+            "trainer.eval_every=0", "trainer.max_eval_samples=8", "trainer.checkpoint_every=0", "trainer.log_every=5",
             "trainer.lr=2e-4", "task.generation.max_new_tokens=8", "task.generation.num_beams=1"]
 
 
-def llama_hf_args(folder: Path, adapter: str, targets: str, seq: int, steps: int) -> list[str]:
-    """``benchmarks/hf_trainer.py``'s arguments for the same case (every batch padded to ``seq``)."""
+def llama_hf_args(folder: Path, adapter: str, targets: str, seq: int, steps: int, *, batch: int = 4,
+                  fixed_width: bool = True) -> list[str]:
+    """``benchmarks/hf_trainer.py``'s arguments for the same case (every batch padded to ``seq``, or to its
+    longest sequence without ``fixed_width``)."""
     return ["--task", "e2e", "--model", str(folder), "--adapter", adapter, "--rank", "8", "--alpha", "16",
-            "--targets", targets, "--batch", "4", "--max-len", str(seq), "--pad-to", str(seq), "--steps", str(steps),
-            "--eval-every", str(steps), "--lr", "2e-4", "--log-every", "5"]
+            "--targets", targets, "--batch", str(batch), "--max-len", str(seq),
+            *(["--pad-to", str(seq)] if fixed_width else []), "--steps", str(steps), "--eval-every", str(steps),
+            "--lr", "2e-4", "--log-every", "5"]
 
 
 def llama1b(tmp: Path, model: str, seq: int, steps: int, adapters: list[str], targets: list[str]) -> dict:

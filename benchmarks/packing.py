@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.gpu_runner import llama_folder, ours, theirs
+from benchmarks.gpu_runner import llama_folder, llama_hf_args, llama_overrides, ours, theirs
 from benchmarks.peers import _our_losses, loss_agreement
 from experiments.portable import portable
 
@@ -36,18 +36,11 @@ ROWS = ("ours-padded", "ours-packed", "hf")
 
 def run_row(row: str, tmp: Path, folder: Path, batch: int, max_len: int, steps: int) -> dict:
     if row == "hf":
-        out = theirs(["--task", "e2e", "--model", str(folder), "--adapter", "lora", "--rank", "8", "--alpha", "16",
-                      "--targets", "qkvo", "--batch", str(batch), "--max-len", str(max_len), "--steps", str(steps),
-                      "--eval-every", str(steps), "--lr", "2e-4", "--log-every", "5"], tmp / "hf.json")
-        return out
+        return theirs(llama_hf_args(folder, "lora", "qkvo", max_len, steps, batch=batch, fixed_width=False),
+                      tmp / "hf.json")
     run_dir = tmp / row
-    overrides = ["task=e2e", f"model.pretrained={folder}", "model.name=llama1b", "adapter=lora", "rank=8", "alpha=16",
-                 "targets=[q,k,v,o]", f"trainer.batch_size={batch}", f"trainer.max_seq_len={max_len}",
-                 f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.max_eval_samples=8",
-                 "trainer.checkpoint_every=0", "trainer.log_every=5", "trainer.lr=2e-4",
-                 "task.generation.max_new_tokens=8", "task.generation.num_beams=1",
-                 f"trainer.packing={'true' if row == 'ours-packed' else 'false'}"]
-    out = ours(run_dir, overrides)
+    out = ours(run_dir, [*llama_overrides(folder, "lora", "qkvo", max_len, steps, batch=batch, fixed_width=False),
+                         f"trainer.packing={'true' if row == 'ours-packed' else 'false'}"])
     out["train_losses"] = _our_losses(run_dir)
     return out
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks import gpu_runner, step_variants
+from benchmarks.gpu_step import matmul_ceiling
 from experiments.portable import portable
 from benchmarks.gpu_runner import llama_folder, llama_hf_args, llama_overrides, ours, sh, theirs
 
@@ -46,21 +47,6 @@ DORA_IMPLS = ("ours", "ours-nf4", "hf", "hf+liger", "hf-qlora")
 PEFT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 
 
-def ceiling_tflops(n: int = 8192, reps: int = 10) -> float:
-    """Dense bf16 matmul throughput on random data (TFLOP/s), mean of ``reps`` after 3 warm-ups."""
-    import torch
-
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
 def matmul_weights(shape: dict) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -70,9 +56,17 @@ def matmul_weights(shape: dict) -> int:
 
 
 def _our_losses(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    """The training loss at each logged step of a ``python run.py`` run dir."""
+    from lowrank.runner.results import load_run
+
+    try:
+        metrics = load_run(run_dir).metrics
+    except FileNotFoundError:  # the process never started the run
+        return {}
+    if "train/loss" not in metrics:
+        return {}
+    logged = metrics.dropna(subset=["train/loss"])
+    return {int(step): float(loss) for step, loss in zip(logged["step"], logged["train/loss"])}
 
 
 def unsloth_worker(args) -> int:
@@ -243,7 +237,7 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__,
               "command": portable("python -m benchmarks.peers " + " ".join(argv or sys.argv[1:])),
-              "seq": args.seq, "batch": 4, "steps": args.steps, "ceiling_tflops": round(ceiling_tflops(), 1), "cases": {}}
+              "seq": args.seq, "batch": 4, "steps": args.steps, "ceiling_tflops": round(matmul_ceiling(torch.device("cuda"), torch.bfloat16) / 1e12, 1), "cases": {}}
     for package in ("peft", "bitsandbytes", "liger_kernel", "unsloth"):
         try:
             from importlib.metadata import version

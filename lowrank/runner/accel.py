@@ -558,9 +558,7 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
 
 def packed_inputs(batch: dict) -> dict:
     """The forward's keyword arguments for a packed row: its positions and its sequences' boundaries."""
-    cu, width = batch["cu_seq_lens"], batch["input_ids"].shape[1]
-    return {"position_ids": batch["position_ids"], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-            "max_length_q": width, "max_length_k": width}
+    return {"position_ids": batch["position_ids"], "cu_seq_lens_q": batch["cu_seq_lens"]}
 
 
 def packed_attention(model: nn.Module):

@@ -72,18 +72,15 @@ def batch_loss(net: nn.Module, model: nn.Module, batch: dict, kind: str, *, fuse
     packed batch (``data.pack``: one row, ``cu_seq_lens``) attends within each of its sequences
     (``accel.packed_attention``).
     """
+    ids = batch["input_ids"]
     if "cu_seq_lens" in batch:  # one packed row (data.pack): attention within each sequence
-        extra = packed_inputs(batch)
-        with packed_attention(model):
-            if fused:
-                return causal_lm_loss(model, batch["input_ids"], batch["labels"], ignore_index=IGNORE,
-                                      impl=loss_impl, **extra)
-            logits = net(input_ids=batch["input_ids"], **extra).logits
-        return loss_fn(logits, batch["labels"], kind, label_smoothing)
-    mask = batch["attention_mask"] if kind == "classification" else None
-    if fused:
-        return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=mask, ignore_index=IGNORE,
-                              impl=loss_impl)
-    with causal_sdpa(model, batch["input_ids"].shape[-1]) if mask is None else nullcontext():
-        logits = net(input_ids=batch["input_ids"], attention_mask=mask).logits
+        attention, inputs = packed_attention(model), packed_inputs(batch)
+    elif kind == "classification":
+        attention, inputs = nullcontext(), {"attention_mask": batch["attention_mask"]}
+    else:
+        attention, inputs = causal_sdpa(model, ids.shape[-1]), {}
+    with attention:
+        if fused:
+            return causal_lm_loss(model, ids, batch["labels"], ignore_index=IGNORE, impl=loss_impl, **inputs)
+        logits = net(input_ids=ids, **inputs).logits
     return loss_fn(logits, batch["labels"], kind, label_smoothing)
