@@ -13,7 +13,14 @@ variant is a fresh copy of one base with the same adapter weights:
 - ``whole+fused-proj``: ``whole`` with the frozen q,k,v and gate,up products fused into one matrix product each
   (the base weights become views of one concatenated matrix; LoRA's updates added to the slices): an
   experiment, not part of the library;
-- ``eager``, ``eager+fused-proj``: no compilation, no graphs (the CPU smoke run's variants).
+- ``whole+packed``: ``whole`` on the same tokens as one packed row (``trainer.packing``: the batch's sequences end
+  to end, attention within each through ``accel.packed_attention``, each sequence's first token unscored), what
+  packing costs where it saves no padding;
+- ``whole+traced-nf4`` (with ``--quantize nf4``): ``whole`` with each NF4 product's dequantisation written in
+  PyTorch operations (``nf4_dequantize``: bitsandbytes' storage, read bit for bit) and traced into the compiled
+  block, where inductor fuses it into one kernel, instead of bitsandbytes' ``matmul_4bit`` (its dequantize
+  kernel, then cuBLAS): an experiment, not part of the library;
+- ``eager``, ``eager+fused-proj``, ``eager+packed``: no compilation, no graphs (the CPU smoke run's variants).
 
 Per variant: the median step (CUDA events around forward, backward and AdamW), ``host_issue_ms`` (the host's
 time for 10 steps without synchronising, ÷ 10: it includes waiting once the GPU's queue is full), peak memory
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import importlib
 import json
@@ -40,6 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +60,12 @@ from experiments.portable import portable  # noqa: E402
 from lowrank.runner import accel  # noqa: E402
 from lowrank.runner.graphs import GraphedStep  # noqa: E402
 
-VARIANTS = ("blocks-cg", "whole-eager-loss", "whole", "whole+fused-proj", "eager", "eager+fused-proj")
+#: kernels listed by name in a profiled row, the longest first
+TOP_KERNELS = 30
+#: ``--sdpa``: the SDPA backend tried first (the others stay as fallbacks), PyTorch's own order by default
+SDPA_BACKENDS = ("default", "cudnn", "flash", "efficient")
+VARIANTS = ("blocks-cg", "whole-eager-loss", "whole", "whole+fused-proj", "whole+packed", "whole+traced-nf4", "eager",
+            "eager+fused-proj", "eager+packed")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,9 +133,56 @@ def fuse_projections(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------
 # variants
 
-def build(base: nn.Module, variant: str, device: torch.device):
+# ---------------------------------------------------------------------------------------------------
+# the traced NF4 experiment
+
+def nf4_dequantize(stored: tuple[torch.Tensor, ...], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' NF4 storage dequantized by PyTorch operations. ``stored`` is (packed, absmax, code) or, doubly
+    quantized, (packed, absmax, code, absmax_code, absmax_scale, offset): ``packed`` holds two 4-bit codes a
+    byte (the first element in the high half) and element i is ``code[index] · absmax[i // 64]`` in float32,
+    rounded once to ``dtype``; doubly quantized, block constant j is
+    ``absmax_code[absmax[j]] · absmax_scale[j // 256] + offset``."""
+    from lowrank.quantize import BLOCK, SCALE_BLOCK
+
+    packed, absmax, code, *nested = stored
+    if nested:
+        absmax_code, absmax_scale, offset = nested
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // SCALE_BLOCK
+        absmax = absmax_code[absmax.long()] * absmax_scale[blocks] + offset
+    flat = packed.reshape(-1)
+    codes = torch.stack((flat >> 4, flat & 15), -1).reshape(-1)
+    numel = shape[0] * shape[1]
+    scales = absmax[torch.arange(numel, device=absmax.device) // BLOCK]
+    return (code[codes[:numel].long()] * scales).to(dtype).view(shape)
+
+
+def nf4_linear(x: torch.Tensor, stored: tuple[torch.Tensor, ...], shape: tuple[int, int]) -> torch.Tensor:
+    """x Wᵀ for W in bitsandbytes' NF4 storage, the dequantisation checkpointed (compiled, the backward
+    dequantizes again rather than keeping W)."""
+    w = torch.utils.checkpoint.checkpoint(nf4_dequantize, stored, shape, x.dtype, use_reentrant=False)
+    return F.linear(x, w)
+
+
+def bnb_stored(layer) -> tuple[torch.Tensor, ...]:
+    """An ``NF4Linear``'s bitsandbytes storage in ``nf4_dequantize``'s order."""
+    s = layer.quant_state
+    return (layer.packed, s.absmax, s.code, *((s.state2.code, s.state2.absmax, s.offset) if s.nested else ()))
+
+
+def _traced_matmul(layer, x):
+    return nf4_linear(x, bnb_stored(layer), (layer.out_features, layer.in_features))
+
+
+def build(base: nn.Module, variant: str, device: torch.device, quantize: str = "none"):
     """``(step, params)``: ``step()`` runs one optimizer step of ``variant`` and returns the loss."""
     model = copy.deepcopy(base)
+    if quantize != "none":
+        from lowrank.quantize import quantize as to_quantized, quantized_layers
+
+        to_quantized(model, quantize)
+        if variant.endswith("+traced-nf4"):
+            for layer in quantized_layers(model).values():
+                layer._matmul = types.MethodType(_traced_matmul, layer)
     torch.manual_seed(0)
     layers = apply_adapter(model, Variant.parse("ours:lora:plain"), "llama", 8, ["q", "k", "v", "o"])
     g = torch.Generator().manual_seed(1)
@@ -137,7 +198,12 @@ def build(base: nn.Module, variant: str, device: torch.device):
     def forward_backward(batch):
         if variant == "blocks-cg":
             torch.compiler.cudagraph_mark_step_begin()
-        loss = accel.causal_lm_loss(model, batch["input_ids"], impl=impl)
+        if "cu_seq_lens" in batch:
+            with accel.packed_attention(model):
+                loss = accel.causal_lm_loss(model, batch["input_ids"], batch["labels"], impl=impl,
+                                            **accel.packed_inputs(batch))
+        else:
+            loss = accel.causal_lm_loss(model, batch["input_ids"], impl=impl)
         loss.backward()
         return loss.detach()
 
@@ -152,6 +218,18 @@ def build(base: nn.Module, variant: str, device: torch.device):
         return loss
 
     return step, params
+
+
+def packed(ids: torch.Tensor) -> dict:
+    """``ids``' rows as one packed row (``lowrank.runner.data.pack``'s layout): positions restarting per row, each
+    row's first token unscored, the boundaries 0, t, …, b·t and b·t again (an empty padding sequence)."""
+    rows, width = ids.shape
+    labels = ids.clone()
+    labels[:, 0] = -100
+    cu = torch.arange(rows + 2, device=ids.device, dtype=torch.int32).clamp(max=rows) * width
+    positions = torch.arange(width, device=ids.device).repeat(rows)[None]
+    return {"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1), "position_ids": positions,
+            "cu_seq_lens": cu}
 
 
 def _kind(kernel: str) -> str:
@@ -174,22 +252,38 @@ def profile(step, batch, device) -> dict:
         for _ in range(3):
             step(batch)
         torch.cuda.synchronize(device)
-    kinds, kernels = collections.Counter(), 0
+    kinds, names, kernels = collections.Counter(), collections.Counter(), 0
     for event in prof.key_averages():
         t = getattr(event, "self_device_time_total", 0)
         if event.device_type == torch.autograd.DeviceType.CUDA and t:
             kinds[_kind(event.key)] += t / 3e3
+            names[event.key[:120]] += t / 3e3
             kernels += event.count / 3
     return {"kernel_ms": {k: round(v, 2) for k, v in kinds.most_common()},
             "kernel_ms_total": round(sum(kinds.values()), 2),
-            "kernels_per_step": round(kernels)}
+            "kernels_per_step": round(kernels),
+            "top_kernels_ms": {k: round(v, 3) for k, v in names.most_common(TOP_KERNELS)}}
 
 
-def measure(base, variant: str, batch, device, steps: int, do_profile: bool) -> dict:
+def sdpa_first(backend: str):
+    """A context in which SDPA tries ``backend`` first (compiled graphs keep the choice made when traced)."""
+    if backend == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def measure(base, variant: str, batch, device, steps: int, do_profile: bool, quantize: str = "none") -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    step, _ = build(base, variant, device)
+    step, _ = build(base, variant, device, quantize)
+    batch = packed(batch["input_ids"]) if variant.endswith("+packed") else batch
     first = step(batch).item()
     for _ in range(3):
         step(batch)
@@ -230,7 +324,9 @@ def table(result: dict) -> str:
         total = r.get("kernel_ms_total")
         idle = f"{r['step_ms'] - total:.2f}" if total else "–"
         split = ", ".join(str(ms.get(k, 0)) for k in kinds) if ms else "–"
-        lines.append(f"| {r['variant']} | {r['step_ms']} | {total or '–'} | {idle} | {split} | "
+        name = r["variant"] + (f" ({r['quantize']} base)" if "quantize" in r else "") + (
+            f" (SDPA: {r['sdpa']} first)" if "sdpa" in r else "")
+        lines.append(f"| {name} | {r['step_ms']} | {total or '–'} | {idle} | {split} | "
                      f"{r.get('kernels_per_step', '–')} | {r.get('peak_gb', '–')} |")
     return "\n".join(lines)
 
@@ -244,6 +340,10 @@ def main(argv=None) -> int:
                    choices=VARIANTS)
     p.add_argument("--profile", nargs="*", default=["blocks-cg", "whole"], help="variants to profile")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"),
+                   help="the frozen base quantized (lowrank.quantize) in every variant")
+    p.add_argument("--sdpa", nargs="+", default=["default"], choices=SDPA_BACKENDS,
+                   help="run every variant under each of these SDPA backends (tried first, the others as fallbacks)")
     p.add_argument("--out", default=None)
     p.add_argument("--table", default=None, help="print the table of a breakdown JSON and exit")
     args = p.parse_args(argv)
@@ -263,13 +363,20 @@ def main(argv=None) -> int:
               "command": portable("python -m benchmarks.step_breakdown "
                                   + " ".join(argv if argv is not None else sys.argv[1:])),
               "rows": []}
-    for variant in args.variants:
-        row = measure(base, variant, batch, device, args.steps, variant in args.profile and device.type == "cuda")
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        if device.type == "cuda":
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
+    for backend in args.sdpa:
+        for variant in args.variants:
+            with sdpa_first(backend):
+                row = measure(base, variant, batch, device, args.steps,
+                              variant in args.profile and device.type == "cuda", args.quantize)
+            if backend != "default":
+                row["sdpa"] = backend
+            if args.quantize != "none":
+                row["quantize"] = args.quantize
+            result["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_ms"}), flush=True)
+            if device.type == "cuda":
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

@@ -4,6 +4,7 @@ agrees with the float32 reference, and identical adapter weights reach ours and 
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -84,13 +85,64 @@ def test_interleaved_cpu_timing(tmp_path):
     assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["agreement"]["ok"] for r in rows)
 
 
-def test_step_breakdown_fused_projections_equal_the_model(tmp_path):
-    """benchmarks/step_breakdown.py's fused q,k,v / gate,up experiment computes the model's own loss (CPU, float32)."""
+def test_step_breakdown_variants_compute_the_models_loss(tmp_path):
+    """benchmarks/step_breakdown.py's fused q,k,v / gate,up experiment and its packed row compute the padded
+    model's own loss (CPU, float32)."""
     from benchmarks import step_breakdown
 
     out = tmp_path / "breakdown.json"
     step_breakdown.main(["--preset", "tiny-llama", "--device", "cpu", "--variants", "eager", "eager+fused-proj",
-                         "--steps", "1", "--seq", "16", "--out", str(out)])
-    plain, fused = json.loads(out.read_text())["rows"]
+                         "eager+packed", "--steps", "1", "--seq", "16", "--out", str(out)])
+    plain, fused, packed = json.loads(out.read_text())["rows"]
     assert fused["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-6)
+    assert packed["first_loss"] == pytest.approx(plain["first_loss"], rel=1e-6)
     assert plain["step_ms"] > 0 and fused["step_ms"] > 0
+
+
+needs_bnb = pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,
+                               reason="needs bitsandbytes")
+
+
+def _bnb_nf4(w: torch.Tensor, nested: bool):
+    """bitsandbytes' NF4 storage of ``w`` (``step_breakdown.bnb_stored``'s order) and its own dequantisation."""
+    import bitsandbytes as bnb
+    from benchmarks.step_breakdown import bnb_stored
+
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4",
+                                                 quant_storage=torch.uint8)
+    layer = types.SimpleNamespace(packed=packed, quant_state=state)
+    return bnb_stored(layer), bnb.functional.dequantize_4bit(packed, state)
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(96, 256), (3, 40), (300, 1000)])
+@pytest.mark.parametrize("nested", [True, False])
+def test_traced_nf4_dequantize_reads_bitsandbytes_storage_exactly(shape, nested):
+    """step_breakdown's traced NF4 experiment: its dequantisation equals bitsandbytes' dequantize_4bit bit for bit, with and without
+    double quantisation, where the matrix is not whole 64-blocks (3 × 40) or its constants not whole 256-blocks."""
+    from benchmarks.step_breakdown import nf4_dequantize
+
+    torch.manual_seed(5)
+    stored, ref = _bnb_nf4(torch.randn(shape) * 0.05, nested)
+    assert torch.equal(nf4_dequantize(stored, shape, torch.float32), ref)
+    assert torch.equal(nf4_dequantize(stored, shape, torch.bfloat16), ref.to(torch.bfloat16))
+
+
+@needs_bnb
+def test_traced_nf4_linear_compiled_saves_the_stored_bytes_not_the_weight():
+    """step_breakdown's traced NF4 experiment, compiled: x Wᵀ over NF4 storage and its input gradient equal float64 products with
+    bitsandbytes' dequantized W, and the backward keeps only the stored bytes: no tensor of W's size."""
+    from benchmarks.step_breakdown import nf4_linear
+
+    torch.manual_seed(6)
+    shape = (256, 512)
+    stored, w = _bnb_nf4(torch.randn(shape) * 0.05, nested=True)
+    x = torch.randn(8, 512, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = torch.compile(nf4_linear)(x, stored, shape)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    torch.testing.assert_close(y.double(), x.detach().double() @ w.double().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), grad.double() @ w.double(), rtol=1e-5, atol=1e-5)
+    assert saved and max(saved) <= stored[0].numel() < w.numel()

@@ -1,7 +1,7 @@
 """Quantized bases (model.quantize, lowrank.quantize): NF4 against float64 references of QLoRA's definition
 (arXiv 2305.14314 §3, Appendix E), adapters on an NF4 base against a float model of the dequantized weights,
-merging, the cost model, the runner. The CUDA test compares with PEFT + bitsandbytes QLoRA and skips
-without CUDA and bitsandbytes."""
+merging, the cost model, the runner. The CUDA tests compare with PEFT + bitsandbytes QLoRA and the compiled blocks
+with eager steps, and skip without CUDA and bitsandbytes."""
 
 from __future__ import annotations
 
@@ -295,3 +295,27 @@ def test_the_gguf_smollm2_base_is_requantized_to_nf4_from_its_float_weights():
         w = dense.get_submodule(name).weight.double()
         error = (model.get_submodule(name).dequantize(torch.float64) - w).norm() / w.norm()
         assert 0.01 < error < 0.15, (name, error)
+
+
+@cuda_bnb
+def test_compiled_nf4_base_equals_bitsandbytes_eager_on_cuda():
+    """Blocks compiled over an NF4 base (bitsandbytes' matmul_4bit inside the graph) give the eager steps' loss and
+    LoRA gradients on the same storage, within bf16 tolerance."""
+    from lowrank.runner import accel
+
+    model = tiny_llama(hidden=256).to(device="cuda", dtype=torch.bfloat16)
+    quantize(model, "nf4")
+    lowrank.adapt(model, "lora", rank=8, alpha=16, targets=["q", "k", "v", "o"])
+    for layer in lowrank.adapted_modules(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    compiled = copy.deepcopy(model)
+    accel.compile(compiled)
+    ids = torch.randint(0, 64, (2, 32), device="cuda")
+    losses, grads = [], []
+    for m in (model, compiled):
+        loss = accel.causal_lm_loss(m, ids)
+        loss.backward()
+        losses.append(loss.float())
+        grads.append(torch.cat([layer.lora_A.grad.float().flatten() for layer in lowrank.adapted_modules(m).values()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
+    assert (grads[1] - grads[0]).norm() <= 0.03 * grads[0].norm()
