@@ -265,6 +265,8 @@ def main(argv=None) -> int:
                             continue
                         started = time.time()
                         row = run_impl(impl, tmp, folder, name, adapter, targets, args.seq, args.steps)
+                        if row.get("unsloth"):  # Unsloth may live on its worker's path only
+                            result["unsloth"] = row["unsloth"]
                         rows[impl] = {"raw": row, "summary": summarise(row, tokens, n, result["ceiling_tflops"],
                                                                         rows.get("ours", {}).get("raw"))}
                         print(case, impl, json.dumps(rows[impl]["summary"]), f"({time.time() - started:.0f} s)",

@@ -234,10 +234,10 @@ def packed(ids: torch.Tensor) -> dict:
 
 def _kind(kernel: str) -> str:
     name = kernel.lower()
+    if any(k in name for k in ("sdpa", "attention", "fmha", "flash", "dot_do_o", "convert_dq")):
+        return "attention"  # before the products: flash kernels are CUTLASS templates
     if any(k in name for k in ("nvjet", "gemm", "cutlass", "splitk")):
         return "matrix products"
-    if any(k in name for k in ("sdpa", "attention", "fmha", "flash")):
-        return "attention"
     if name.startswith("triton"):
         return "inductor elementwise"
     if any(k in name for k in ("elementwise", "reduce", "copy", "scatter")):
