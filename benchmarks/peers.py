@@ -119,7 +119,8 @@ def unsloth_worker(args) -> int:
             window = []
     out = {"impl": "unsloth-4bit" if args.load_4bit else "unsloth", "step_time_s": statistics.median(times[5:]),
            "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "train_losses": losses,
-           "unsloth": getattr(unsloth, "__version__", None)}
+           "unsloth": getattr(unsloth, "__version__", None), "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__}
     Path(args.worker_out).write_text(json.dumps(out))
     return 0
 

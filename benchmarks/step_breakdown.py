@@ -38,6 +38,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import gc
 import importlib
 import json
 import statistics
@@ -131,9 +132,6 @@ def fuse_projections(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# variants
-
-# ---------------------------------------------------------------------------------------------------
 # the traced NF4 experiment
 
 def nf4_dequantize(stored: tuple[torch.Tensor, ...], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -172,6 +170,9 @@ def bnb_stored(layer) -> tuple[torch.Tensor, ...]:
 def _traced_matmul(layer, x):
     return nf4_linear(x, bnb_stored(layer), (layer.out_features, layer.in_features))
 
+
+# ---------------------------------------------------------------------------------------------------
+# variants
 
 def build(base: nn.Module, variant: str, device: torch.device, quantize: str = "none"):
     """``(step, params)``: ``step()`` runs one optimizer step of ``variant`` and returns the loss."""
@@ -234,12 +235,12 @@ def packed(ids: torch.Tensor) -> dict:
 
 def _kind(kernel: str) -> str:
     name = kernel.lower()
+    if name.startswith("triton"):  # inductor's kernels are named after the operations they fuse
+        return "inductor elementwise"
     if any(k in name for k in ("sdpa", "attention", "fmha", "flash", "dot_do_o", "convert_dq")):
         return "attention"  # before the products: flash kernels are CUTLASS templates
     if any(k in name for k in ("nvjet", "gemm", "cutlass", "splitk")):
         return "matrix products"
-    if name.startswith("triton"):
-        return "inductor elementwise"
     if any(k in name for k in ("elementwise", "reduce", "copy", "scatter")):
         return "other elementwise"
     return "other"
@@ -343,10 +344,14 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", default="none", choices=("none", "nf4", "int8"),
                    help="the frozen base quantized (lowrank.quantize) in every variant")
     p.add_argument("--sdpa", nargs="+", default=["default"], choices=SDPA_BACKENDS,
-                   help="run every variant under each of these SDPA backends (tried first, the others as fallbacks)")
+                   help="run every variant under each of these SDPA backends (tried first, the others as fallbacks; "
+                        "packed rows use variable-length flash attention whatever the order)")
     p.add_argument("--out", default=None)
     p.add_argument("--table", default=None, help="print the table of a breakdown JSON and exit")
     args = p.parse_args(argv)
+    traced = [v for v in args.variants if v.endswith("+traced-nf4")]
+    if traced and (args.quantize != "nf4" or (args.device or PRESETS[args.preset]["device"]) != "cuda"):
+        p.error(f"{traced[0]} reads bitsandbytes' NF4 storage: it needs --quantize nf4 on a CUDA device")
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return 0
@@ -374,8 +379,9 @@ def main(argv=None) -> int:
                 row["quantize"] = args.quantize
             result["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_kernels_ms"}), flush=True)
+            torch._dynamo.reset()  # the next variant (or SDPA order) is traced afresh
+            gc.collect()  # the previous variant's model, optimizer and graphs go before the next peak is taken
             if device.type == "cuda":
-                torch._dynamo.reset()
                 torch.cuda.empty_cache()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

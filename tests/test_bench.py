@@ -3,6 +3,7 @@ agrees with the float32 reference, and identical adapter weights reach ours and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import types
 
@@ -99,8 +100,7 @@ def test_step_breakdown_variants_compute_the_models_loss(tmp_path):
     assert plain["step_ms"] > 0 and fused["step_ms"] > 0
 
 
-needs_bnb = pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,
-                               reason="needs bitsandbytes")
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 
 
 def _bnb_nf4(w: torch.Tensor, nested: bool):
@@ -115,15 +115,17 @@ def _bnb_nf4(w: torch.Tensor, nested: bool):
 
 
 @needs_bnb
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("shape", [(96, 256), (3, 40), (300, 1000)])
 @pytest.mark.parametrize("nested", [True, False])
-def test_traced_nf4_dequantize_reads_bitsandbytes_storage_exactly(shape, nested):
+def test_traced_nf4_dequantize_reads_bitsandbytes_storage_exactly(shape, nested, device):
     """step_breakdown's traced NF4 experiment: its dequantisation equals bitsandbytes' dequantize_4bit bit for bit, with and without
     double quantisation, where the matrix is not whole 64-blocks (3 × 40) or its constants not whole 256-blocks."""
     from benchmarks.step_breakdown import nf4_dequantize
 
     torch.manual_seed(5)
-    stored, ref = _bnb_nf4(torch.randn(shape) * 0.05, nested)
+    stored, ref = _bnb_nf4(torch.randn(shape, device=device) * 0.05, nested)
     assert torch.equal(nf4_dequantize(stored, shape, torch.float32), ref)
     assert torch.equal(nf4_dequantize(stored, shape, torch.bfloat16), ref.to(torch.bfloat16))
 

@@ -299,8 +299,8 @@ def test_the_gguf_smollm2_base_is_requantized_to_nf4_from_its_float_weights():
 
 @cuda_bnb
 def test_compiled_nf4_base_equals_bitsandbytes_eager_on_cuda():
-    """Blocks compiled over an NF4 base (bitsandbytes' matmul_4bit inside the graph) give the eager steps' loss and
-    LoRA gradients on the same storage, within bf16 tolerance."""
+    """Blocks compiled over an NF4 base (the GPU fast path) give the loss and LoRA gradients of eager steps through
+    bitsandbytes' matmul_4bit (checked against PEFT's QLoRA above) on the same storage, within bf16 tolerance."""
     from lowrank.runner import accel
 
     model = tiny_llama(hidden=256).to(device="cuda", dtype=torch.bfloat16)
