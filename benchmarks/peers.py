@@ -72,7 +72,9 @@ def _our_losses(run_dir: Path) -> dict:
 def unsloth_worker(args) -> int:
     """One Unsloth run (a fresh process: Unsloth patches transformers on import)."""
     import unsloth  # noqa: F401  - first, as Unsloth requires
+    import peft
     import torch
+    import transformers
     from unsloth import FastLanguageModel
 
     from benchmarks.hf_trainer import e2e
@@ -120,7 +122,7 @@ def unsloth_worker(args) -> int:
     out = {"impl": "unsloth-4bit" if args.load_4bit else "unsloth", "step_time_s": statistics.median(times[5:]),
            "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "train_losses": losses,
            "unsloth": getattr(unsloth, "__version__", None), "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__}
+           "transformers": transformers.__version__, "peft": peft.__version__}
     Path(args.worker_out).write_text(json.dumps(out))
     return 0
 

@@ -13,9 +13,9 @@ variant is a fresh copy of one base with the same adapter weights:
 - ``whole+fused-proj``: ``whole`` with the frozen q,k,v and gate,up products fused into one matrix product each
   (the base weights become views of one concatenated matrix; LoRA's updates added to the slices): an
   experiment, not part of the library;
-- ``whole+packed``: ``whole`` on the same tokens as one packed row (``trainer.packing``: the batch's sequences end
-  to end, attention within each through ``accel.packed_attention``, each sequence's first token unscored), what
-  packing costs where it saves no padding;
+- ``whole+packed``: ``whole`` on the same tokens as one packed row, collated and scored as ``trainer.packing``
+  does (``data.pack``, the runner's ``batch_loss``: attention within each sequence, each sequence's first token
+  unscored), what packing costs where it saves no padding;
 - ``whole+traced-nf4`` (with ``--quantize nf4``): ``whole`` with each NF4 product's dequantisation written in
   PyTorch operations (``nf4_dequantize``: bitsandbytes' storage, read bit for bit) and traced into the compiled
   block, where inductor fuses it into one kernel, instead of bitsandbytes' ``matmul_4bit`` (its dequantize
@@ -59,7 +59,9 @@ if str(ROOT) not in sys.path:
 from benchmarks.step_variants import PRESETS, Variant, apply_adapter, build_base, make_batch  # noqa: E402
 from experiments.portable import portable  # noqa: E402
 from lowrank.runner import accel  # noqa: E402
+from lowrank.runner.data import collate  # noqa: E402
 from lowrank.runner.graphs import GraphedStep  # noqa: E402
+from lowrank.runner.loss import batch_loss  # noqa: E402
 
 #: kernels listed by name in a profiled row, the longest first
 TOP_KERNELS = 30
@@ -199,12 +201,7 @@ def build(base: nn.Module, variant: str, device: torch.device, quantize: str = "
     def forward_backward(batch):
         if variant == "blocks-cg":
             torch.compiler.cudagraph_mark_step_begin()
-        if "cu_seq_lens" in batch:
-            with accel.packed_attention(model):
-                loss = accel.causal_lm_loss(model, batch["input_ids"], batch["labels"], impl=impl,
-                                            **accel.packed_inputs(batch))
-        else:
-            loss = accel.causal_lm_loss(model, batch["input_ids"], impl=impl)
+        loss = batch_loss(model, model, batch, "generation", fused=True, loss_impl=impl)
         loss.backward()
         return loss.detach()
 
@@ -221,16 +218,11 @@ def build(base: nn.Module, variant: str, device: torch.device, quantize: str = "
     return step, params
 
 
-def packed(ids: torch.Tensor) -> dict:
-    """``ids``' rows as one packed row (``lowrank.runner.data.pack``'s layout): positions restarting per row, each
-    row's first token unscored, the boundaries 0, t, …, b·t and b·t again (an empty padding sequence)."""
-    rows, width = ids.shape
-    labels = ids.clone()
-    labels[:, 0] = -100
-    cu = torch.arange(rows + 2, device=ids.device, dtype=torch.int32).clamp(max=rows) * width
-    positions = torch.arange(width, device=ids.device).repeat(rows)[None]
-    return {"input_ids": ids.reshape(1, -1), "labels": labels.reshape(1, -1), "position_ids": positions,
-            "cu_seq_lens": cu}
+def packed(batch: dict) -> dict:
+    """``batch``'s rows as one packed row, as ``trainer.packing`` collates a micro-batch (``data.pack``)."""
+    rows = batch["input_ids"].tolist()
+    return collate({"input_ids": rows, "labels": rows}, 0, "generation", packed=True,
+                   device=batch["input_ids"].device)
 
 
 def _kind(kernel: str) -> str:
@@ -284,7 +276,7 @@ def measure(base, variant: str, batch, device, steps: int, do_profile: bool, qua
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     step, _ = build(base, variant, device, quantize)
-    batch = packed(batch["input_ids"]) if variant.endswith("+packed") else batch
+    batch = packed(batch) if variant.endswith("+packed") else {**batch, "labels": batch["input_ids"]}
     first = step(batch).item()
     for _ in range(3):
         step(batch)
